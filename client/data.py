@@ -1,0 +1,197 @@
+"""The site's local data pipeline: read -> validate -> scrub -> split -> tokenize.
+
+Nothing is silently dropped: the first bad record stops the pipeline with its file,
+line and a fix, before any budget is spent. Scrubbed text is cached in the site's
+state dir (keyed by the raw file's hash and the scrub settings) so rounds after the
+first skip the slow NER pass.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from common.errors import DataError
+
+if TYPE_CHECKING:
+    import torch
+
+FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".parquet": "parquet"}
+
+
+def _read_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
+    try:
+        fh = open(path, "rb")
+    except OSError as exc:
+        raise DataError(str(path), None, f"cannot open the file ({exc.strerror})",
+                        "check the [data] path in the site policy and its permissions") from None
+    with fh:
+        for lineno, raw in enumerate(fh, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise DataError(str(path), lineno, "not UTF-8 text",
+                                "re-encode the file as UTF-8 (e.g. iconv -t UTF-8)") from None
+            if not line.strip():
+                continue
+            try:
+                yield lineno, json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(str(path), lineno, f"not valid JSON ({exc.msg} at column {exc.colno})",
+                                "fix or remove this line; each line must be one JSON object") from None
+
+
+def _read_csv(path: Path) -> Iterator[tuple[int, Any]]:
+    try:
+        with open(path, encoding="utf-8", newline="") as fh:
+            reader = csv.DictReader(fh)
+            for row in reader:
+                yield reader.line_num, dict(row)
+    except UnicodeDecodeError:
+        raise DataError(str(path), None, "not UTF-8 text", "re-encode the file as UTF-8") from None
+    except OSError as exc:
+        raise DataError(str(path), None, f"cannot open the file ({exc.strerror})",
+                        "check the [data] path in the site policy and its permissions") from None
+
+
+def _read_parquet(path: Path) -> Iterator[tuple[int, Any]]:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception as exc:  # pyarrow raises many types for unreadable files
+        raise DataError(str(path), None, f"cannot read as Parquet ({exc})",
+                        "check the file is a valid Parquet file") from None
+    for i, row in enumerate(table.to_pylist(), start=1):
+        yield i, row
+
+
+def load_records(path: Path, fields: Sequence[str], *, max_chars: int = 20000) -> list[dict[str, Any]]:
+    """Read and validate every record; raise ``DataError`` with file:line on the first problem.
+
+    Parameters
+    ----------
+    path
+        JSONL, CSV or Parquet file (by suffix). For CSV/Parquet "line" is the row number.
+    fields
+        Text fields each record must have as a non-empty string.
+    max_chars
+        Records whose text fields together exceed this are refused (likely a broken export).
+    """
+    kind = FORMATS.get(path.suffix.lower())
+    if kind is None:
+        raise DataError(str(path), None, f"unsupported file type '{path.suffix}'",
+                        "use .jsonl, .csv or .parquet")
+    if not path.is_file():
+        raise DataError(str(path), None, "file not found", "check the [data] path in the site policy")
+    reader = {"jsonl": _read_jsonl, "csv": _read_csv, "parquet": _read_parquet}[kind]
+    records: list[dict[str, Any]] = []
+    for line, rec in reader(path):
+        if not isinstance(rec, dict):
+            raise DataError(str(path), line, f"expected a JSON object, got {type(rec).__name__}",
+                            "each line must be an object like {\"instruction\": ..., \"response\": ...}")
+        size = 0
+        for f in fields:
+            value = rec.get(f)
+            if value is None:
+                raise DataError(str(path), line, f"record has no field '{f}'",
+                                f"add '{f}' or change [data] text-fields in the site policy")
+            if not isinstance(value, str) or not value.strip():
+                raise DataError(str(path), line, f"field '{f}' is empty or not text",
+                                "give it a non-empty string or remove the record")
+            size += len(value)
+        if size > max_chars:
+            raise DataError(str(path), line, f"record text is {size} characters (limit {max_chars})",
+                            "split the record or raise [data] max-record-chars")
+        records.append(rec)
+    if not records:
+        raise DataError(str(path), None, "the file holds no records", "point [data] path at a non-empty file")
+    return records
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` via a temp file + rename (never half-written)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def format_example(record: dict[str, Any], fields: Sequence[str]) -> str:
+    """The training text of one (scrubbed) record."""
+    if tuple(fields) == ("instruction", "response"):
+        return f"### Instruction:\n{record['instruction']}\n\n### Response:\n{record['response']}"
+    return "\n\n".join(f"{f}: {record[f]}" for f in fields)
+
+
+def is_eval(text: str, eval_fraction: float) -> bool:
+    """Deterministic split by content hash: the same record always lands on the same side."""
+    h = int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "big")
+    return h / 2**64 < eval_fraction
+
+
+@dataclass(frozen=True)
+class SiteData:
+    """Scrubbed, split training text of one site."""
+
+    train: tuple[str, ...]
+    eval: tuple[str, ...]
+    fingerprint: str  # SHA-256 of the scrubbed training texts
+    scrub_counts: dict[str, int]
+    records_touched: int
+
+
+def split_texts(texts: Sequence[str], eval_fraction: float) -> tuple[list[str], list[str]]:
+    """Split into (train, eval); both non-empty when there are >= 2 texts."""
+    train = [t for t in texts if not is_eval(t, eval_fraction)]
+    held = [t for t in texts if is_eval(t, eval_fraction)]
+    if not held and len(train) > 1:
+        held.append(train.pop())
+    if not train and len(held) > 1:
+        train.append(held.pop())
+    return train, held
+
+
+def fingerprint(texts: Sequence[str]) -> str:
+    """SHA-256 over texts (length-prefixed, order-sensitive)."""
+    digest = hashlib.sha256()
+    for t in texts:
+        b = t.encode("utf-8")
+        digest.update(len(b).to_bytes(8, "big"))
+        digest.update(b)
+    return digest.hexdigest()
+
+
+def tokenize(
+    texts: Sequence[str], tokenizer: Any, max_len: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids and attention mask, right-padded to ``max_len`` (EOS appended)."""
+    import torch
+
+    eos = tokenizer.eos_token or ""
+    enc = tokenizer(
+        [t + eos for t in texts],
+        max_length=max_len,
+        truncation=True,
+        padding="max_length",
+        return_tensors="pt",
+    )
+    return enc["input_ids"].to(torch.long), enc["attention_mask"].to(torch.long)

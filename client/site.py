@@ -1,0 +1,238 @@
+"""The site agent below the Flower layer: one round of policy check, budget, DP training.
+
+``SiteAgent`` holds what is slow to build (scrubbed data, tokenizer, model) for the life
+of a process. Every decision that protects the site -- model identity, noise floor,
+budget -- is taken here, from the site's own policy and ledger; the coordinator's
+request is only a request.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord
+
+from client.data import (
+    SiteData,
+    atomic_write_text,
+    file_sha256,
+    fingerprint,
+    format_example,
+    load_records,
+    split_texts,
+    tokenize,
+)
+from client.policy import SitePolicy
+from client.train import DPPlan, evaluate_loss, train_dp
+from common.arrays import to_record, to_state, update_sha256
+from common.config import LoraSpec, TrainRequest
+from common.errors import BudgetExceededError, ConfigError, PolicyViolationError
+from common.modeling import (
+    adapter_state,
+    load_adapter_state,
+    load_base_model,
+    load_tokenizer,
+    make_peft_model,
+    model_fingerprint,
+)
+from privacy.accounting import MechanismStep, calibrate_noise, epsilon
+from privacy.ledger import PrivacyLedger
+from privacy.pii import ScrubConfig, get_scrubber
+
+log = logging.getLogger(__name__)
+SCRUB_VERSION = "1"
+
+
+@dataclass
+class RoundOutcome:
+    """A site's answer to one training request."""
+
+    site: str
+    trained: bool
+    reason: str = ""
+    arrays: ArrayRecord | None = None
+    num_examples: int = 0
+    metrics: dict[str, float] = field(default_factory=dict)
+    scrub_counts: dict[str, int] = field(default_factory=dict)
+
+
+class SiteAgent:
+    """One site's long-lived state in a process (data, model, ledger)."""
+
+    def __init__(self, policy: SitePolicy, *, seed: int | None = None) -> None:
+        self.policy = policy
+        self.seed = seed
+        self.ledger = PrivacyLedger(policy.ledger_path)
+        self._data: SiteData | None = None
+        self._model: Any = None
+        self._lora: LoraSpec | None = None
+        self._tokenizer: Any = None
+        self._fingerprint: str | None = None
+        self._tensors: dict[int, tuple[torch.Tensor, ...]] = {}
+
+    # ----------------------------------------------------------------- data
+    def check_state_dir(self) -> None:
+        """Fail before any budget is spent if the state dir cannot be written."""
+        d = self.policy.state_dir
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+            probe = d / ".write-probe"
+            probe.write_text("ok", encoding="utf-8")
+            probe.unlink()
+        except OSError as exc:
+            raise ConfigError(str(self.policy.source), [
+                f"[site] state-dir '{d}' is not writable ({exc.strerror}): "
+                "give the agent's user write access or point state-dir elsewhere"
+            ]) from None
+
+    def data(self) -> SiteData:
+        """Validated, scrubbed, split site data (cached in memory and in the state dir)."""
+        if self._data is not None:
+            return self._data
+        pol = self.policy
+        self.check_state_dir()
+        records = load_records(pol.data_path, pol.text_fields, max_chars=pol.max_record_chars)
+        scrub_cfg = ScrubConfig(spacy_model=pol.spacy_model, operator=pol.pii_operator,
+                                pseudonym_key=self._pseudonym_key())
+        key = f"{file_sha256(pol.data_path)}|{','.join(pol.text_fields)}|{pol.spacy_model}|{pol.pii_operator}"
+        cache = pol.state_dir / "scrub" / f"{fingerprint([key, SCRUB_VERSION])[:32]}.json"
+        if cache.is_file():
+            cached = json.loads(cache.read_text(encoding="utf-8"))
+            texts, counts, touched = cached["texts"], cached["counts"], cached["records_touched"]
+        else:
+            scrubber = get_scrubber(scrub_cfg)
+            clean, report = scrubber.scrub_records(records, pol.text_fields)
+            texts = [format_example(r, pol.text_fields) for r in clean]
+            counts, touched = dict(report.counts), report.records_touched
+            atomic_write_text(cache, json.dumps(
+                {"texts": texts, "counts": counts, "records_touched": touched}))
+        train, held = split_texts(texts, pol.eval_fraction)
+        self._data = SiteData(tuple(train), tuple(held), fingerprint(train), counts, touched)
+        return self._data
+
+    def _pseudonym_key(self) -> bytes | None:
+        f = self.policy.pseudonym_key_file
+        return f.read_bytes().strip() if f is not None else None
+
+    # ---------------------------------------------------------------- model
+    def model_fingerprint(self) -> str:
+        """Fingerprint of the site's local base model."""
+        if self._fingerprint is None:
+            self._fingerprint = model_fingerprint(self.policy.model_path)
+        return self._fingerprint
+
+    def _peft(self, lora: LoraSpec) -> Any:
+        if self._model is None or self._lora != lora:
+            base = load_base_model(self.policy.model_path)
+            self._model = make_peft_model(base, lora)
+            self._lora = lora
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.policy.model_path)
+        return self._model
+
+    def _tensors_for(self, max_len: int) -> tuple[torch.Tensor, ...]:
+        if max_len not in self._tensors:
+            d = self.data()
+            tr = tokenize(d.train, self._tokenizer, max_len)
+            ev = tokenize(d.eval, self._tokenizer, max_len)
+            self._tensors[max_len] = (*tr, *ev)
+        return self._tensors[max_len]
+
+    def _load_global(self, req: TrainRequest, arrays: ArrayRecord) -> Any:
+        if req.base_model_fingerprint != self.model_fingerprint():
+            raise PolicyViolationError(
+                "the coordinator's base model differs from this site's [model] path "
+                f"(fingerprint {req.base_model_fingerprint[:12]} vs {self.model_fingerprint()[:12]}): "
+                "install the same base model at the site"
+            )
+        model = self._peft(req.lora)
+        try:
+            load_adapter_state(model, to_state(arrays))
+        except (ValueError, RuntimeError) as exc:
+            raise PolicyViolationError(f"the global adapter does not fit the base model: {exc}") from None
+        return model
+
+    # --------------------------------------------------------------- rounds
+    def plan(self, req: TrainRequest, n_train: int) -> DPPlan:
+        """The round's DP mechanism: requested noise (checked) or calibrated to the budget."""
+        pol = self.policy
+        q = min(1.0, req.batch_size / n_train)
+        if req.noise_multiplier > 0:
+            if req.noise_multiplier < pol.min_noise_multiplier:
+                raise PolicyViolationError(
+                    f"requested noise multiplier {req.noise_multiplier:g} is below the site's "
+                    f"min-noise-multiplier {pol.min_noise_multiplier:g}: the site refuses"
+                )
+            sigma = req.noise_multiplier
+        else:
+            remaining = max(1, req.num_rounds - req.server_round + 1)
+            sigma = calibrate_noise(
+                history=self.ledger.history(), target_epsilon=pol.max_epsilon, delta=pol.delta,
+                sample_rate=q, steps=req.local_steps, rounds=remaining, accountant=pol.accountant,
+            )
+            sigma = max(sigma, pol.min_noise_multiplier)
+        return DPPlan(sigma, q, req.local_steps, req.max_grad_norm, req.batch_size)
+
+    def train_round(self, arrays: ArrayRecord, req: TrainRequest) -> RoundOutcome:
+        """Answer one training request: refuse with a reason, or train and reply."""
+        pol = self.policy
+        data = self.data()
+        try:
+            model = self._load_global(req, arrays)
+            ids, mask, ev_ids, ev_mask = self._tensors_for(req.max_seq_len)
+            dp = self.plan(req, len(data.train))
+            eval_before = evaluate_loss(model, ev_ids, ev_mask)
+            entry = self.ledger.reserve(
+                round=req.server_round, run_id=req.run_id,
+                step=MechanismStep(dp.noise_multiplier, dp.sample_rate, dp.steps),
+                max_grad_norm=dp.max_grad_norm, delta=pol.delta, max_epsilon=pol.max_epsilon,
+                data_fingerprint=data.fingerprint, accountant=pol.accountant,
+            )
+        except (BudgetExceededError, PolicyViolationError) as exc:
+            log.warning("site %s refuses round %d: %s", pol.name, req.server_round, exc)
+            return self._refusal(str(exc))
+        stats = train_dp(model, ids, mask, dp, learning_rate=req.learning_rate, seed=self.seed)
+        record = to_record(adapter_state(model))
+        metrics = {
+            "train-loss": stats.mean_loss,
+            "eval-loss-before": eval_before,
+            "epsilon": float(entry["epsilon"]),
+            "epsilon-rdp": float(entry["epsilon_rdp"]),
+            "delta": pol.delta,
+            "max-epsilon": pol.max_epsilon,
+            "noise-multiplier": dp.noise_multiplier,
+            "sample-rate": dp.sample_rate,
+            "steps": float(dp.steps),
+        }
+        self.ledger.commit(reserve_seq=int(entry["seq"]), update_sha256=update_sha256(record),
+                           num_examples=len(data.train), metrics={"train_loss": stats.mean_loss})
+        return RoundOutcome(site=pol.name, trained=True, arrays=record, num_examples=len(data.train),
+                            metrics=metrics, scrub_counts=data.scrub_counts)
+
+    def _refusal(self, reason: str) -> RoundOutcome:
+        pol = self.policy
+        spent = epsilon(self.ledger.history(), delta=pol.delta, accountant=pol.accountant)
+        return RoundOutcome(site=pol.name, trained=False, reason=reason,
+                            metrics={"epsilon": spent, "delta": pol.delta, "max-epsilon": pol.max_epsilon})
+
+    def evaluate(self, arrays: ArrayRecord, req: TrainRequest) -> tuple[float, int]:
+        """Held-out loss of the global adapter at this site (spends no budget)."""
+        model = self._load_global(req, arrays)
+        _, _, ev_ids, ev_mask = self._tensors_for(req.max_seq_len)
+        return evaluate_loss(model, ev_ids, ev_mask), int(ev_ids.size(0))
+
+
+_AGENTS: dict[tuple[str, int | None], SiteAgent] = {}
+
+
+def get_agent(policy: SitePolicy, seed: int | None = None) -> SiteAgent:
+    """The process-wide agent for a policy (rebuilt when the policy changes)."""
+    key = (str(policy.source), seed)
+    agent = _AGENTS.get(key)
+    if agent is None or agent.policy != policy:
+        agent = _AGENTS[key] = SiteAgent(policy, seed=seed)
+    return agent

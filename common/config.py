@@ -1,0 +1,305 @@
+"""The one place that turns Flower's ``run_config`` / ``node_config`` into frozen dataclasses.
+
+Every problem is collected and reported at once, each naming the key and the fix.
+The defaults here are the same as ``[tool.flwr.app.config]`` in ``pyproject.toml``
+(a test keeps them equal), so ``flwr run`` and ``fedtune simulate`` agree.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, fields
+from typing import Any
+
+from common.errors import ConfigError
+
+Check = Callable[[Any], bool]
+
+
+@dataclass(frozen=True)
+class Key:
+    """One accepted configuration key: its type, default and rule."""
+
+    name: str
+    kind: type
+    default: Any
+    rule: str = ""
+    check: Check | None = None
+
+
+def _pos(x: Any) -> bool:
+    return bool(x > 0)
+
+
+def _nonneg(x: Any) -> bool:
+    return bool(x >= 0)
+
+
+def _unit(x: Any) -> bool:
+    return bool(0 < x <= 1)
+
+
+def _coerce(key: Key, value: Any) -> tuple[Any, str | None]:
+    """Coerce ``value`` to ``key.kind``; return (value, problem)."""
+    kind = key.kind
+    want = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(
+        kind, kind.__name__
+    )
+    if kind is bool:
+        if isinstance(value, bool):
+            return value, None
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true", None
+    elif kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value, None
+        if isinstance(value, float) and value.is_integer():
+            return int(value), None
+    elif kind is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if math.isfinite(float(value)):
+                return float(value), None
+    elif kind is str:
+        if isinstance(value, str):
+            return value, None
+    elif kind is list:
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return list(value), None
+        if isinstance(value, str):
+            return [v.strip() for v in value.split(",") if v.strip()], None
+    return value, f"must be {want}, got {value!r}"
+
+
+def parse_keys(
+    source: str,
+    raw: Mapping[str, Any],
+    keys: Sequence[Key],
+    *,
+    ignore: Sequence[str] = (),
+    required: Sequence[str] = (),
+) -> dict[str, Any]:
+    """Validate ``raw`` against ``keys``; return python-named values or raise ``ConfigError``.
+
+    Parameters
+    ----------
+    source
+        Where the values came from (file path, "run config", ...), used in messages.
+    raw
+        The mapping to validate (kebab-case keys).
+    keys
+        Accepted keys with defaults; missing keys take their default.
+    ignore
+        Keys that may be present but belong to someone else (not reported as unknown).
+    required
+        Keys that have no usable default and must be given.
+    """
+    problems: list[str] = []
+    known = {k.name: k for k in keys}
+    for name in raw:
+        if name not in known and name not in ignore:
+            close = difflib.get_close_matches(name, list(known), n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else f"; accepted: {', '.join(known)}"
+            problems.append(f"unknown key '{name}'{hint}")
+    out: dict[str, Any] = {}
+    for key in keys:
+        if key.name not in raw:
+            if key.name in required:
+                problems.append(f"'{key.name}' is required: set it to {key.rule or key.kind.__name__}")
+            out[key.name.replace("-", "_")] = key.default
+            continue
+        value, problem = _coerce(key, raw[key.name])
+        if problem is None and key.check is not None and not key.check(value):
+            problem = f"must be {key.rule}, got {value!r}"
+        if problem is not None:
+            problems.append(f"'{key.name}' {problem} (default: {key.default!r})")
+        out[key.name.replace("-", "_")] = value
+    if problems:
+        raise ConfigError(source, problems)
+    return out
+
+
+RUN_KEYS: tuple[Key, ...] = (
+    Key("num-server-rounds", int, 3, "an integer >= 1", _pos),
+    Key("fraction-train", float, 1.0, "a fraction in (0, 1]", _unit),
+    Key("min-train-sites", int, 2, "an integer >= 1", _pos),
+    Key("local-steps", int, 20, "an integer >= 1", _pos),
+    Key("batch-size", int, 16, "an integer >= 1 (expected Poisson batch)", _pos),
+    Key("learning-rate", float, 0.01, "a number > 0", _pos),
+    Key("max-grad-norm", float, 1.0, "a number > 0 (per-example clip norm)", _pos),
+    Key("noise-multiplier", float, 0.0, "a number >= 0 (0 = each site calibrates)", _nonneg),
+    Key("max-seq-len", int, 128, "an integer >= 8", lambda x: x >= 8),
+    Key("lora-rank", int, 8, "an integer >= 1", _pos),
+    Key("lora-alpha", float, 16.0, "a number > 0", _pos),
+    Key("lora-targets", str, "q_proj,v_proj", "a comma-separated module list", lambda x: bool(x)),
+    Key("model-dir", str, "", "a local folder holding the base model"),
+    Key("out-dir", str, "runs/latest", "a writable folder for run outputs", lambda x: bool(x)),
+    Key("sim-policies", str, "", "comma-separated site policy paths (simulation only)"),
+    Key("round-timeout", float, 900.0, "seconds > 0", _pos),
+    Key("seed", int, -1, "-1 (unpredictable DP noise) or a seed >= 0 (testing only: NOT private)",
+        lambda x: x >= -1),
+)
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """The adapter structure every party of a federation must share."""
+
+    rank: int
+    alpha: float
+    targets: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """The coordinator's run configuration (Flower ``run_config``)."""
+
+    num_server_rounds: int
+    fraction_train: float
+    min_train_sites: int
+    local_steps: int
+    batch_size: int
+    learning_rate: float
+    max_grad_norm: float
+    noise_multiplier: float
+    max_seq_len: int
+    lora_rank: int
+    lora_alpha: float
+    lora_targets: str
+    model_dir: str
+    out_dir: str
+    sim_policies: str
+    round_timeout: float
+    seed: int
+
+    @classmethod
+    def from_flower(cls, run_config: Mapping[str, Any], source: str = "run config") -> RunConfig:
+        """Build from Flower's ``context.run_config`` (missing keys take defaults)."""
+        return cls(**parse_keys(source, run_config, RUN_KEYS))
+
+    @property
+    def lora(self) -> LoraSpec:
+        """The LoRA structure requested from every site."""
+        targets = tuple(t.strip() for t in self.lora_targets.split(",") if t.strip())
+        return LoraSpec(rank=self.lora_rank, alpha=self.lora_alpha, targets=targets)
+
+    def policy_paths(self) -> list[str]:
+        """Site policy paths for simulation, indexed by partition id."""
+        return [p.strip() for p in self.sim_policies.split(",") if p.strip()]
+
+
+def default_run_config() -> dict[str, Any]:
+    """The defaults as Flower would see them (kebab-case keys)."""
+    return {k.name: k.default for k in RUN_KEYS}
+
+
+@dataclass(frozen=True)
+class TrainRequest:
+    """What the coordinator asks a site to do in one round (a ``ConfigRecord``)."""
+
+    server_round: int
+    num_rounds: int
+    run_id: str
+    local_steps: int
+    batch_size: int
+    learning_rate: float
+    max_grad_norm: float
+    noise_multiplier: float
+    max_seq_len: int
+    lora_rank: int
+    lora_alpha: float
+    lora_targets: str
+    base_model_fingerprint: str
+
+    @property
+    def lora(self) -> LoraSpec:
+        """The LoRA structure of the global adapter."""
+        targets = tuple(t.strip() for t in self.lora_targets.split(",") if t.strip())
+        return LoraSpec(rank=self.lora_rank, alpha=self.lora_alpha, targets=targets)
+
+    @classmethod
+    def build(cls, cfg: RunConfig, *, server_round: int, run_id: str, fingerprint: str) -> TrainRequest:
+        """The request a coordinator running ``cfg`` sends in ``server_round``."""
+        return cls(
+            server_round=server_round,
+            num_rounds=cfg.num_server_rounds,
+            run_id=run_id,
+            local_steps=cfg.local_steps,
+            batch_size=cfg.batch_size,
+            learning_rate=cfg.learning_rate,
+            max_grad_norm=cfg.max_grad_norm,
+            noise_multiplier=cfg.noise_multiplier,
+            max_seq_len=cfg.max_seq_len,
+            lora_rank=cfg.lora_rank,
+            lora_alpha=cfg.lora_alpha,
+            lora_targets=cfg.lora_targets,
+            base_model_fingerprint=fingerprint,
+        )
+
+    def to_record(self) -> dict[str, Any]:
+        """Kebab-case mapping suitable for a Flower ``ConfigRecord``."""
+        return {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any]) -> TrainRequest:
+        """Parse a received ``ConfigRecord``; every key is required."""
+        keys = [Key(f.name.replace("_", "-"), _FIELD_KINDS[f.name], None) for f in fields(cls)]
+        values = parse_keys(
+            "train request from the coordinator",
+            record,
+            keys,
+            required=[k.name for k in keys],
+        )
+        return cls(**values)
+
+
+_FIELD_KINDS: dict[str, type] = {
+    "server_round": int,
+    "num_rounds": int,
+    "run_id": str,
+    "local_steps": int,
+    "batch_size": int,
+    "learning_rate": float,
+    "max_grad_norm": float,
+    "noise_multiplier": float,
+    "max_seq_len": int,
+    "lora_rank": int,
+    "lora_alpha": float,
+    "lora_targets": str,
+    "base_model_fingerprint": str,
+}
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """A SuperNode's ``node_config``: which site policy this node runs."""
+
+    policy: str
+
+    @classmethod
+    def from_flower(cls, node_config: Mapping[str, Any], run: RunConfig) -> NodeConfig:
+        """Resolve the site policy path.
+
+        A deployed SuperNode sets ``policy`` in its ``--node-config``. In simulation the
+        node has only ``partition-id``; the run config's ``sim-policies`` maps it to a policy.
+        """
+        policy = node_config.get("policy")
+        if isinstance(policy, str) and policy:
+            return cls(policy=policy)
+        pid = node_config.get("partition-id")
+        paths = run.policy_paths()
+        if isinstance(pid, int) and 0 <= pid < len(paths):
+            return cls(policy=paths[pid])
+        raise ConfigError(
+            "node config",
+            [
+                "no site policy: start the SuperNode with --node-config \"policy='/path/site.toml'\""
+                + (
+                    f" (simulation: partition-id {pid} has no entry in 'sim-policies', "
+                    f"which lists {len(paths)} path(s))"
+                    if pid is not None
+                    else ""
+                )
+            ],
+        )

@@ -1,0 +1,128 @@
+"""Load a causal LM from a local folder, wrap it with LoRA, move adapter state around.
+
+Sites are often air-gapped: everything loads from local folders with the Hugging Face
+hub switched off. Any causal LM that ``from_pretrained`` can read drops in unchanged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from common.config import LoraSpec
+from common.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
+    from peft import PeftModel
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+OFFLINE_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TLDEXTRACT_PUBLIC_SUFFIX_LIST_URLS": "",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+_WEIGHT_SUFFIXES = (".safetensors", ".bin")
+
+
+def set_offline_env() -> None:
+    """Switch off every hub/network lookup before heavy imports (idempotent)."""
+    for key, value in OFFLINE_ENV.items():
+        os.environ.setdefault(key, value)
+
+
+def check_model_dir(path: str | Path, key: str) -> Path:
+    """Return ``path`` as a model folder or raise ``ConfigError`` naming ``key``."""
+    p = Path(path).expanduser()
+    if not str(path):
+        raise ConfigError(key, [f"'{key}' is empty: point it at a local model folder"])
+    if not (p / "config.json").is_file():
+        raise ConfigError(
+            key,
+            [
+                f"'{key}' = '{p}' is not a model folder (no config.json). Build the embedded one "
+                "with `fedtune model tiny --out DIR` or copy a Hugging Face model folder there"
+            ],
+        )
+    return p
+
+
+def model_fingerprint(path: str | Path) -> str:
+    """SHA-256 over the model's config and weight files (names and bytes).
+
+    Coordinator and sites compare it to be sure they fine-tune the same base model.
+    """
+    p = Path(path)
+    digest = hashlib.sha256()
+    names = ["config.json"] + sorted(f.name for f in p.iterdir() if f.suffix in _WEIGHT_SUFFIXES)
+    for name in names:
+        digest.update(name.encode())
+        with open(p / name, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
+    """Load a tokenizer from a local folder; pad token falls back to EOS."""
+    set_offline_env()
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_base_model(path: str | Path) -> PreTrainedModel:
+    """Load a causal LM from a local folder (float32 on CPU)."""
+    set_offline_env()
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True)
+
+
+def lora_config(spec: LoraSpec) -> Any:
+    """The PEFT ``LoraConfig`` for ``spec``."""
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=spec.rank,
+        lora_alpha=spec.alpha,
+        target_modules=list(spec.targets),
+        lora_dropout=0.0,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
+def make_peft_model(base: PreTrainedModel, spec: LoraSpec) -> PeftModel:
+    """Wrap ``base`` with a fresh LoRA adapter; only adapter weights are trainable."""
+    from peft import get_peft_model
+
+    return get_peft_model(base, lora_config(spec))
+
+
+def adapter_state(model: PeftModel) -> dict[str, torch.Tensor]:
+    """The adapter weights only (PEFT's own key naming), detached CPU copies."""
+    from peft import get_peft_model_state_dict
+
+    state = get_peft_model_state_dict(model)
+    return {k: v.detach().cpu().clone() for k, v in state.items()}
+
+
+def load_adapter_state(model: PeftModel, state: dict[str, torch.Tensor]) -> None:
+    """Load adapter weights into ``model``; every key must match exactly."""
+    from peft import set_peft_model_state_dict
+
+    expected = set(adapter_state(model))
+    if set(state) != expected:
+        missing = sorted(expected - set(state))[:3]
+        extra = sorted(set(state) - expected)[:3]
+        raise ValueError(f"adapter keys differ: missing {missing}, unexpected {extra}")
+    set_peft_model_state_dict(model, state)

@@ -1,0 +1,121 @@
+"""The ``fedtune`` command: one entry point for the operator, the site and the auditor."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from common.errors import FedtuneError
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
+model_app = typer.Typer(no_args_is_help=True, help="Base models.")
+data_app = typer.Typer(no_args_is_help=True, help="Embedded data.")
+app.add_typer(model_app, name="model")
+app.add_typer(data_app, name="data")
+console = Console()
+
+
+@model_app.command("tiny")
+def model_tiny(out: Annotated[Path, typer.Option(help="Folder to write the model to.")]) -> None:
+    """Build the embedded tiny Llama-architecture model and its tokenizer locally."""
+    from common.tiny import build_tiny_model
+
+    path = build_tiny_model(out, progress=lambda s: console.print(f"[dim]{s}[/dim]"))
+    console.print(f"tiny model written to [bold]{path}[/bold]")
+
+
+@data_app.command("synth")
+def data_synth(
+    out: Annotated[Path, typer.Option(help="Folder for one JSONL per site.")],
+    sites: Annotated[int, typer.Option(min=1, help="Number of sites.")] = 3,
+    records: Annotated[int, typer.Option(min=10, help="Records per site.")] = 240,
+    seed: Annotated[int, typer.Option(help="Generator seed.")] = 0,
+) -> None:
+    """Write synthetic, non-IID, PII-laden clinical notes for each site."""
+    from common.synthdata import write_synthetic_sites
+
+    for p in write_synthetic_sites(out, sites=sites, records_per_site=records, seed=seed):
+        console.print(f"wrote {p}")
+
+
+def _parse_run_config(items: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise FedtuneError(f"--run-config '{item}' must look like key=value")
+        v: Any = value
+        for cast in (int, float):
+            try:
+                v = cast(value)
+                break
+            except ValueError:
+                continue
+        out[key.strip()] = v
+    return out
+
+
+def print_summary(summary: dict[str, Any], out: Path) -> None:
+    """A readable per-site table of the run."""
+    table = Table(title=f"fedtune run {summary['run_id']} -- {summary['rounds']} rounds")
+    for col in ("site", "trained", "epsilon", "max eps", "eval loss before", "eval loss after", "notes"):
+        table.add_column(col)
+    for name, s in summary["sites"].items():
+        before, after = s.get("eval_loss_before"), s.get("eval_loss_after")
+        notes = "; ".join(r["reason"][:60] for r in s.get("refusals", []) + s.get("failures", []))
+        table.add_row(
+            name, str(s.get("rounds_trained", 0)), f"{s.get('epsilon', 0.0):.3f}",
+            f"{s.get('max_epsilon', 0.0):g}", f"{before:.4f}" if before is not None else "-",
+            f"{after:.4f}" if after is not None else "-", notes or "",
+        )
+    console.print(table)
+    ratio = summary["bytes_up"] / max(1, summary["base_model"]["bytes"] * summary["rounds"])
+    console.print(
+        f"bytes up {summary['bytes_up']:,} / down {summary['bytes_down']:,}; adapter "
+        f"{summary['adapter_bytes']:,} B vs base model {summary['base_model']['bytes']:,} B "
+        f"(upload per round = {ratio:.2%} of the base model per site-round x sites)"
+    )
+    console.print(f"run folder: [bold]{out}[/bold] (adapter/, ledgers/, metrics.jsonl, summary.json)")
+
+
+@app.command()
+def simulate(
+    out: Annotated[Path, typer.Option(help="Run folder to create.")],
+    sites: Annotated[int, typer.Option(min=1, help="Number of simulated sites.")] = 3,
+    rounds: Annotated[int, typer.Option(min=1, help="Federated rounds.")] = 3,
+    model: Annotated[Path | None, typer.Option(help="Local base model folder (default: tiny).")] = None,
+    data: Annotated[Path | None, typer.Option(help="Folder with one data file per site.")] = None,
+    max_epsilon: Annotated[float, typer.Option(help="Each site's privacy budget.")] = 8.0,
+    delta: Annotated[float, typer.Option(help="Each site's delta.")] = 1e-5,
+    run_config: Annotated[list[str] | None, typer.Option(help="Extra run config, key=value.")] = None,
+) -> None:
+    """Run N sites x R rounds on Flower's Simulation Engine and summarize."""
+    from fedtune.simulate import simulate as run
+
+    def on_round(line: dict[str, Any]) -> None:
+        parts = []
+        for site, row in line["sites"].items():
+            ev = row.get("eval-loss")
+            parts.append(f"{site}: {row.get('status', '?')}"
+                         + (f" eps={row['epsilon']:.2f}" if "epsilon" in row else "")
+                         + (f" eval={ev:.3f}" if ev is not None else ""))
+        console.print(f"[bold]round {line['round']}/{rounds}[/bold] ({line['time']:.0f}s) " + " | ".join(parts))
+
+    console.print(f"simulating {sites} sites x {rounds} rounds into {out} ...")
+    summary = run(out, sites=sites, rounds=rounds, model=model, data=data, max_epsilon=max_epsilon,
+                  delta=delta, run_config=_parse_run_config(run_config or []), on_round=on_round)
+    print_summary(summary, out)
+
+
+def main() -> None:
+    """Console entry point: user errors print a clear message and exit 2, no traceback."""
+    try:
+        app()
+    except FedtuneError as exc:
+        Console(stderr=True).print(f"[red]error:[/red] {exc}", highlight=False)
+        sys.exit(2)

@@ -1,0 +1,143 @@
+"""``fedtune simulate``: N sites x R rounds on Flower's Simulation Engine, in one command.
+
+Lays out a run folder as a real federation would have it -- one policy and state
+dir per site, the coordinator's outputs beside them -- then runs the very same
+ServerApp and ClientApp that ``flwr run`` deploys.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from client.policy import render_policy
+from common.errors import ConfigError
+from common.modeling import check_model_dir, set_offline_env
+
+RoundCallback = Callable[[dict[str, Any]], None]
+
+
+def cache_dir() -> Path:
+    """Where the embedded model and data are cached (``FEDTUNE_CACHE`` overrides)."""
+    env = os.environ.get("FEDTUNE_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "fedtune"
+
+
+def default_model() -> Path:
+    """The embedded tiny model, built on first use and reused after."""
+    from common.tiny import ensure_tiny_model
+
+    return ensure_tiny_model(cache_dir() / "tiny-model")
+
+
+def default_data(sites: int) -> Path:
+    """The embedded synthetic corpus for ``sites`` sites, written on first use."""
+    from common.synthdata import write_synthetic_sites
+
+    out = cache_dir() / f"synth-{sites}"
+    if not (out / ".complete").is_file():
+        write_synthetic_sites(out, sites=sites)
+        (out / ".complete").write_text("ok", encoding="utf-8")
+    return out
+
+
+def site_files(data: Path, sites: int) -> list[Path]:
+    """The first ``sites`` data files (sorted) in ``data``; one file per site."""
+    files = sorted(p for p in data.iterdir() if p.suffix in (".jsonl", ".csv", ".parquet"))
+    if len(files) < sites:
+        raise ConfigError(str(data), [
+            f"--data holds {len(files)} site file(s) but --sites is {sites}: "
+            "add one JSONL/CSV/Parquet file per site or lower --sites"
+        ])
+    return files[:sites]
+
+
+def prepare_run(
+    out: Path, *, sites: int, model: Path, data: Path, max_epsilon: float, delta: float
+) -> list[Path]:
+    """Write one policy per site under ``out/sites/<name>/``; return the policy paths."""
+    policies = []
+    for f in site_files(data, sites):
+        name = f.stem
+        site_dir = out / "sites" / name
+        site_dir.mkdir(parents=True, exist_ok=True)
+        text = render_policy(name=name, data_path=f.resolve(), model_path=model.resolve(),
+                             max_epsilon=max_epsilon, delta=delta)
+        policy = site_dir / "policy.toml"
+        policy.write_text(text, encoding="utf-8")
+        policies.append(policy)
+    return policies
+
+
+def collect_ledgers(out: Path, policies: list[Path]) -> list[Path]:
+    """Copy each site's ledger into ``out/ledgers/<site>.jsonl`` (as an auditor gathers them)."""
+    from client.policy import load_policy
+
+    dest = out / "ledgers"
+    dest.mkdir(exist_ok=True)
+    copied = []
+    for p in policies:
+        pol = load_policy(p)
+        if pol.ledger_path.is_file():
+            target = dest / f"{pol.name}.jsonl"
+            shutil.copyfile(pol.ledger_path, target)
+            copied.append(target)
+    return copied
+
+
+def simulate(
+    out: Path,
+    *,
+    sites: int = 3,
+    rounds: int = 3,
+    model: Path | None = None,
+    data: Path | None = None,
+    max_epsilon: float = 8.0,
+    delta: float = 1e-5,
+    run_config: Mapping[str, Any] | None = None,
+    on_round: RoundCallback | None = None,
+    quiet: bool = True,
+) -> dict[str, Any]:
+    """Run a simulated federation into ``out``; return the coordinator's summary."""
+    set_offline_env()
+    model = check_model_dir(model, "--model") if model is not None else default_model()
+    data = data if data is not None else default_data(sites)
+    out = out.resolve()
+    if out.exists() and any(out.iterdir()):
+        raise ConfigError(str(out), ["the run folder is not empty: choose a new --out"])
+    out.mkdir(parents=True, exist_ok=True)
+    policies = prepare_run(out, sites=sites, model=model, data=data, max_epsilon=max_epsilon, delta=delta)
+    overrides: dict[str, Any] = {
+        "min-train-sites": min(2, sites),
+        **dict(run_config or {}),
+        "num-server-rounds": rounds,
+        "model-dir": str(model.resolve()),
+        "out-dir": str(out),
+        "sim-policies": ",".join(str(p) for p in policies),
+    }
+    from flwr.simulation import run_simulation
+
+    from client.client_app import build_app as build_client
+    from server.server_app import build_app as build_server
+
+    if quiet:
+        logging.getLogger("flwr").setLevel(logging.WARNING)
+    run_simulation(
+        server_app=build_server(overrides, on_round=on_round),
+        client_app=build_client(overrides),
+        num_supernodes=sites,
+        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+                        "init_args": {"num_cpus": min(sites, os.cpu_count() or 1)}},
+    )
+    import json
+
+    summary_path = out / "summary.json"
+    if not summary_path.is_file():
+        raise RuntimeError(f"the simulation ended without writing {summary_path}; see the log above")
+    collect_ledgers(out, policies)
+    summary: dict[str, Any] = json.loads(summary_path.read_text(encoding="utf-8"))
+    return summary
