@@ -12,7 +12,7 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.policy import load_policy
@@ -41,16 +41,19 @@ def handle_train(msg: Message, context: Context, overrides: Mapping[str, Any]) -
     """Train one round at this site, or refuse with the reason."""
     try:
         agent = _agent(context, overrides)
-        req = TrainRequest.from_record(msg.content["config"])
-        out = agent.train_round(msg.content["arrays"], req)
+        req = TrainRequest.from_record(msg.content.config_records["config"])
+        out = agent.train_round(msg.content.array_records["arrays"], req)
     except FedtuneError as exc:
         return _error(msg, exc)
-    content = RecordDict({
-        "metrics": MetricRecord({"num-examples": out.num_examples, **out.metrics}),
-        "site": ConfigRecord({"name": out.site, "status": "trained" if out.trained else "refused",
-                              "reason": out.reason}),
-        "scrub": ConfigRecord(dict(out.scrub_counts)),
-    })
+    content = RecordDict(
+        {
+            "metrics": MetricRecord({"num-examples": out.num_examples, **out.metrics}),
+            "site": ConfigRecord(
+                {"name": out.site, "status": "trained" if out.trained else "refused", "reason": out.reason}
+            ),
+            "scrub": ConfigRecord(dict(out.scrub_counts)),
+        }
+    )
     if out.arrays is not None:
         content["arrays"] = out.arrays
     return Message(content, reply_to=msg)
@@ -60,15 +63,20 @@ def handle_evaluate(msg: Message, context: Context, overrides: Mapping[str, Any]
     """Held-out loss of the global adapter at this site."""
     try:
         agent = _agent(context, overrides)
-        req = TrainRequest.from_record(msg.content["config"])
-        arrays: ArrayRecord = msg.content["arrays"]
+        req = TrainRequest.from_record(msg.content.config_records["config"])
+        arrays = msg.content.array_records["arrays"]
         loss, n = agent.evaluate(arrays, req)
     except FedtuneError as exc:
         return _error(msg, exc)
-    return Message(RecordDict({
-        "metrics": MetricRecord({"eval-loss": loss, "num-examples": n}),
-        "site": ConfigRecord({"name": agent.policy.name}),
-    }), reply_to=msg)
+    return Message(
+        RecordDict(
+            {
+                "metrics": MetricRecord({"eval-loss": loss, "num-examples": n}),
+                "site": ConfigRecord({"name": agent.policy.name}),
+            }
+        ),
+        reply_to=msg,
+    )
 
 
 def build_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:

@@ -27,24 +27,33 @@ FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".parquet": "parq
 
 def _read_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
     try:
-        fh = open(path, "rb")
+        fh = open(path, "rb")  # noqa: SIM115 -- the with-block below owns it; open errors differ
     except OSError as exc:
-        raise DataError(str(path), None, f"cannot open the file ({exc.strerror})",
-                        "check the [data] path in the site policy and its permissions") from None
+        raise DataError(
+            str(path),
+            None,
+            f"cannot open the file ({exc.strerror})",
+            "check the [data] path in the site policy and its permissions",
+        ) from None
     with fh:
         for lineno, raw in enumerate(fh, start=1):
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError:
-                raise DataError(str(path), lineno, "not UTF-8 text",
-                                "re-encode the file as UTF-8 (e.g. iconv -t UTF-8)") from None
+                raise DataError(
+                    str(path), lineno, "not UTF-8 text", "re-encode the file as UTF-8 (e.g. iconv -t UTF-8)"
+                ) from None
             if not line.strip():
                 continue
             try:
                 yield lineno, json.loads(line)
             except json.JSONDecodeError as exc:
-                raise DataError(str(path), lineno, f"not valid JSON ({exc.msg} at column {exc.colno})",
-                                "fix or remove this line; each line must be one JSON object") from None
+                raise DataError(
+                    str(path),
+                    lineno,
+                    f"not valid JSON ({exc.msg} at column {exc.colno})",
+                    "fix or remove this line; each line must be one JSON object",
+                ) from None
 
 
 def _read_csv(path: Path) -> Iterator[tuple[int, Any]]:
@@ -56,8 +65,12 @@ def _read_csv(path: Path) -> Iterator[tuple[int, Any]]:
     except UnicodeDecodeError:
         raise DataError(str(path), None, "not UTF-8 text", "re-encode the file as UTF-8") from None
     except OSError as exc:
-        raise DataError(str(path), None, f"cannot open the file ({exc.strerror})",
-                        "check the [data] path in the site policy and its permissions") from None
+        raise DataError(
+            str(path),
+            None,
+            f"cannot open the file ({exc.strerror})",
+            "check the [data] path in the site policy and its permissions",
+        ) from None
 
 
 def _read_parquet(path: Path) -> Iterator[tuple[int, Any]]:
@@ -66,10 +79,10 @@ def _read_parquet(path: Path) -> Iterator[tuple[int, Any]]:
     try:
         table = pq.read_table(path)
     except Exception as exc:  # pyarrow raises many types for unreadable files
-        raise DataError(str(path), None, f"cannot read as Parquet ({exc})",
-                        "check the file is a valid Parquet file") from None
-    for i, row in enumerate(table.to_pylist(), start=1):
-        yield i, row
+        raise DataError(
+            str(path), None, f"cannot read as Parquet ({exc})", "check the file is a valid Parquet file"
+        ) from None
+    yield from enumerate(table.to_pylist(), start=1)
 
 
 def load_records(path: Path, fields: Sequence[str], *, max_chars: int = 20000) -> list[dict[str, Any]]:
@@ -86,29 +99,46 @@ def load_records(path: Path, fields: Sequence[str], *, max_chars: int = 20000) -
     """
     kind = FORMATS.get(path.suffix.lower())
     if kind is None:
-        raise DataError(str(path), None, f"unsupported file type '{path.suffix}'",
-                        "use .jsonl, .csv or .parquet")
+        raise DataError(
+            str(path), None, f"unsupported file type '{path.suffix}'", "use .jsonl, .csv or .parquet"
+        )
     if not path.is_file():
         raise DataError(str(path), None, "file not found", "check the [data] path in the site policy")
     reader = {"jsonl": _read_jsonl, "csv": _read_csv, "parquet": _read_parquet}[kind]
     records: list[dict[str, Any]] = []
     for line, rec in reader(path):
         if not isinstance(rec, dict):
-            raise DataError(str(path), line, f"expected a JSON object, got {type(rec).__name__}",
-                            "each line must be an object like {\"instruction\": ..., \"response\": ...}")
+            raise DataError(
+                str(path),
+                line,
+                f"expected a JSON object, got {type(rec).__name__}",
+                'each line must be an object like {"instruction": ..., "response": ...}',
+            )
         size = 0
         for f in fields:
             value = rec.get(f)
             if value is None:
-                raise DataError(str(path), line, f"record has no field '{f}'",
-                                f"add '{f}' or change [data] text-fields in the site policy")
+                raise DataError(
+                    str(path),
+                    line,
+                    f"record has no field '{f}'",
+                    f"add '{f}' or change [data] text-fields in the site policy",
+                )
             if not isinstance(value, str) or not value.strip():
-                raise DataError(str(path), line, f"field '{f}' is empty or not text",
-                                "give it a non-empty string or remove the record")
+                raise DataError(
+                    str(path),
+                    line,
+                    f"field '{f}' is empty or not text",
+                    "give it a non-empty string or remove the record",
+                )
             size += len(value)
         if size > max_chars:
-            raise DataError(str(path), line, f"record text is {size} characters (limit {max_chars})",
-                            "split the record or raise [data] max-record-chars")
+            raise DataError(
+                str(path),
+                line,
+                f"record text is {size} characters (limit {max_chars})",
+                "split the record or raise [data] max-record-chars",
+            )
         records.append(rec)
     if not records:
         raise DataError(str(path), None, "the file holds no records", "point [data] path at a non-empty file")
@@ -180,9 +210,7 @@ def fingerprint(texts: Sequence[str]) -> str:
     return digest.hexdigest()
 
 
-def tokenize(
-    texts: Sequence[str], tokenizer: Any, max_len: int
-) -> tuple[torch.Tensor, torch.Tensor]:
+def tokenize(texts: Sequence[str], tokenizer: Any, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Token ids and attention mask, right-padded to ``max_len`` (EOS appended)."""
     import torch
 

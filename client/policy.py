@@ -116,9 +116,7 @@ def policy_from_mapping(raw: dict[str, Any], source: Path) -> SitePolicy:
             problems.append(f"[{section}] must be a table")
             body = {}
         try:
-            values[section] = parse_keys(
-                f"[{section}]", body, keys, required=REQUIRED.get(section, ())
-            )
+            values[section] = parse_keys(f"[{section}]", body, keys, required=REQUIRED.get(section, ()))
         except ConfigError as exc:
             problems.extend(f"[{section}] {p}" for p in exc.problems)
     if problems:

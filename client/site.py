@@ -84,10 +84,13 @@ class SiteAgent:
             probe.write_text("ok", encoding="utf-8")
             probe.unlink()
         except OSError as exc:
-            raise ConfigError(str(self.policy.source), [
-                f"[site] state-dir '{d}' is not writable ({exc.strerror}): "
-                "give the agent's user write access or point state-dir elsewhere"
-            ]) from None
+            raise ConfigError(
+                str(self.policy.source),
+                [
+                    f"[site] state-dir '{d}' is not writable ({exc.strerror}): "
+                    "give the agent's user write access or point state-dir elsewhere"
+                ],
+            ) from None
 
     def data(self) -> SiteData:
         """Validated, scrubbed, split site data (cached in memory and in the state dir)."""
@@ -96,8 +99,9 @@ class SiteAgent:
         pol = self.policy
         self.check_state_dir()
         records = load_records(pol.data_path, pol.text_fields, max_chars=pol.max_record_chars)
-        scrub_cfg = ScrubConfig(spacy_model=pol.spacy_model, operator=pol.pii_operator,
-                                pseudonym_key=self._pseudonym_key())
+        scrub_cfg = ScrubConfig(
+            spacy_model=pol.spacy_model, operator=pol.pii_operator, pseudonym_key=self._pseudonym_key()
+        )
         key = f"{file_sha256(pol.data_path)}|{','.join(pol.text_fields)}|{pol.spacy_model}|{pol.pii_operator}"
         cache = pol.state_dir / "scrub" / f"{fingerprint([key, SCRUB_VERSION])[:32]}.json"
         if cache.is_file():
@@ -108,8 +112,9 @@ class SiteAgent:
             clean, report = scrubber.scrub_records(records, pol.text_fields)
             texts = [format_example(r, pol.text_fields) for r in clean]
             counts, touched = dict(report.counts), report.records_touched
-            atomic_write_text(cache, json.dumps(
-                {"texts": texts, "counts": counts, "records_touched": touched}))
+            atomic_write_text(
+                cache, json.dumps({"texts": texts, "counts": counts, "records_touched": touched})
+            )
         train, held = split_texts(texts, pol.eval_fraction)
         self._data = SiteData(tuple(train), tuple(held), fingerprint(train), counts, touched)
         return self._data
@@ -158,7 +163,12 @@ class SiteAgent:
 
     # --------------------------------------------------------------- rounds
     def plan(self, req: TrainRequest, n_train: int) -> DPPlan:
-        """The round's DP mechanism: requested noise (checked) or calibrated to the budget."""
+        """The round's DP mechanism: requested noise (checked) or calibrated to the budget.
+
+        Calibration spreads the remaining budget over the remaining planned rounds; later
+        rounds of the same run reuse the calibrated noise, so every round of a run shares
+        one mechanism (and the accountant stays fast).
+        """
         pol = self.policy
         q = min(1.0, req.batch_size / n_train)
         if req.noise_multiplier > 0:
@@ -167,14 +177,27 @@ class SiteAgent:
                     f"requested noise multiplier {req.noise_multiplier:g} is below the site's "
                     f"min-noise-multiplier {pol.min_noise_multiplier:g}: the site refuses"
                 )
-            sigma = req.noise_multiplier
+            return DPPlan(req.noise_multiplier, q, req.local_steps, req.max_grad_norm, req.batch_size)
+        for e in reversed(self.ledger.entries()):
+            if (
+                e.get("kind") == "reserve"
+                and e.get("run_id") == req.run_id
+                and e.get("sample_rate") == q
+                and e.get("steps") == req.local_steps
+            ):
+                sigma = float(e["noise_multiplier"])
+                break
         else:
-            remaining = max(1, req.num_rounds - req.server_round + 1)
             sigma = calibrate_noise(
-                history=self.ledger.history(), target_epsilon=pol.max_epsilon, delta=pol.delta,
-                sample_rate=q, steps=req.local_steps, rounds=remaining, accountant=pol.accountant,
+                history=self.ledger.history(),
+                target_epsilon=pol.max_epsilon,
+                delta=pol.delta,
+                sample_rate=q,
+                steps=req.local_steps,
+                rounds=max(1, req.num_rounds - req.server_round + 1),
+                accountant=pol.accountant,
             )
-            sigma = max(sigma, pol.min_noise_multiplier)
+        sigma = max(sigma, pol.min_noise_multiplier)
         return DPPlan(sigma, q, req.local_steps, req.max_grad_norm, req.batch_size)
 
     def train_round(self, arrays: ArrayRecord, req: TrainRequest) -> RoundOutcome:
@@ -185,16 +208,23 @@ class SiteAgent:
             model = self._load_global(req, arrays)
             ids, mask, ev_ids, ev_mask = self._tensors_for(req.max_seq_len)
             dp = self.plan(req, len(data.train))
-            eval_before = evaluate_loss(model, ev_ids, ev_mask)
-            entry = self.ledger.reserve(
-                round=req.server_round, run_id=req.run_id,
-                step=MechanismStep(dp.noise_multiplier, dp.sample_rate, dp.steps),
-                max_grad_norm=dp.max_grad_norm, delta=pol.delta, max_epsilon=pol.max_epsilon,
-                data_fingerprint=data.fingerprint, accountant=pol.accountant,
-            )
         except (BudgetExceededError, PolicyViolationError) as exc:
-            log.warning("site %s refuses round %d: %s", pol.name, req.server_round, exc)
-            return self._refusal(str(exc))
+            self.ledger.record_refusal(round=req.server_round, run_id=req.run_id, reason=str(exc))
+            return self._refusal(req, exc)
+        eval_before = evaluate_loss(model, ev_ids, ev_mask)
+        try:
+            entry = self.ledger.reserve(
+                round=req.server_round,
+                run_id=req.run_id,
+                step=MechanismStep(dp.noise_multiplier, dp.sample_rate, dp.steps),
+                max_grad_norm=dp.max_grad_norm,
+                delta=pol.delta,
+                max_epsilon=pol.max_epsilon,
+                data_fingerprint=data.fingerprint,
+                accountant=pol.accountant,
+            )
+        except (BudgetExceededError, PolicyViolationError) as exc:  # refusal already in the ledger
+            return self._refusal(req, exc)
         stats = train_dp(model, ids, mask, dp, learning_rate=req.learning_rate, seed=self.seed)
         record = to_record(adapter_state(model))
         metrics = {
@@ -208,16 +238,32 @@ class SiteAgent:
             "sample-rate": dp.sample_rate,
             "steps": float(dp.steps),
         }
-        self.ledger.commit(reserve_seq=int(entry["seq"]), update_sha256=update_sha256(record),
-                           num_examples=len(data.train), metrics={"train_loss": stats.mean_loss})
-        return RoundOutcome(site=pol.name, trained=True, arrays=record, num_examples=len(data.train),
-                            metrics=metrics, scrub_counts=data.scrub_counts)
+        self.ledger.commit(
+            reserve_seq=int(entry["seq"]),
+            update_sha256=update_sha256(record),
+            num_examples=len(data.train),
+            metrics={"train_loss": stats.mean_loss},
+        )
+        return RoundOutcome(
+            site=pol.name,
+            trained=True,
+            arrays=record,
+            num_examples=len(data.train),
+            metrics=metrics,
+            scrub_counts=data.scrub_counts,
+        )
 
-    def _refusal(self, reason: str) -> RoundOutcome:
+    def _refusal(self, req: TrainRequest, exc: Exception) -> RoundOutcome:
         pol = self.policy
+        reason = str(exc)
+        log.warning("site %s refuses round %d: %s", pol.name, req.server_round, reason)
         spent = epsilon(self.ledger.history(), delta=pol.delta, accountant=pol.accountant)
-        return RoundOutcome(site=pol.name, trained=False, reason=reason,
-                            metrics={"epsilon": spent, "delta": pol.delta, "max-epsilon": pol.max_epsilon})
+        return RoundOutcome(
+            site=pol.name,
+            trained=False,
+            reason=reason,
+            metrics={"epsilon": spent, "delta": pol.delta, "max-epsilon": pol.max_epsilon},
+        )
 
     def evaluate(self, arrays: ArrayRecord, req: TrainRequest) -> tuple[float, int]:
         """Held-out loss of the global adapter at this site (spends no budget)."""

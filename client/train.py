@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -117,26 +118,30 @@ def train_dp(
     losses: list[float] = []
     empty = 0
     done = 0
-    try:
-        while done < plan.steps:
-            for b_ids, b_mask in loader:
-                if done >= plan.steps:
-                    break
-                done += 1
-                if b_ids.size(0) == 0:
-                    empty += 1
-                    continue
-                loss = per_sample_loss(gsm, b_ids, b_mask).mean()
-                loss.backward()
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                losses.append(float(loss.detach()))
-    finally:
-        gsm._close()  # remove Opacus hooks so the cached model can be reused next round
-        for p in params:
-            p.grad = None
-            if hasattr(p, "grad_sample"):
-                p.grad_sample = None
+    with warnings.catch_warnings():
+        # Opacus's per-layer backward hooks fire on frozen layers whose inputs need no gradient;
+        # torch warns about that on every step although the per-sample gradients are correct.
+        warnings.filterwarnings("ignore", message=r"Full backward hook is firing", category=UserWarning)
+        try:
+            while done < plan.steps:
+                for b_ids, b_mask in loader:
+                    if done >= plan.steps:
+                        break
+                    done += 1
+                    if b_ids.size(0) == 0:
+                        empty += 1
+                        continue
+                    loss = per_sample_loss(gsm, b_ids, b_mask).mean()
+                    loss.backward()
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    losses.append(float(loss.detach()))
+        finally:
+            gsm._close()  # remove Opacus hooks so the cached model can be reused next round
+            for p in params:
+                p.grad = None
+                if hasattr(p, "grad_sample"):
+                    p.grad_sample = None
     if not losses:
         losses = [float("nan")]
     return TrainStats(

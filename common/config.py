@@ -58,12 +58,10 @@ def _coerce(key: Key, value: Any) -> tuple[Any, str | None]:
         if isinstance(value, float) and value.is_integer():
             return int(value), None
     elif kind is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            if math.isfinite(float(value)):
-                return float(value), None
-    elif kind is str:
-        if isinstance(value, str):
-            return value, None
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            return float(value), None
+    elif kind is str and isinstance(value, str):
+        return value, None
     elif kind is list:
         if isinstance(value, list) and all(isinstance(v, str) for v in value):
             return list(value), None
@@ -129,16 +127,21 @@ RUN_KEYS: tuple[Key, ...] = (
     Key("learning-rate", float, 0.01, "a number > 0", _pos),
     Key("max-grad-norm", float, 1.0, "a number > 0 (per-example clip norm)", _pos),
     Key("noise-multiplier", float, 0.0, "a number >= 0 (0 = each site calibrates)", _nonneg),
-    Key("max-seq-len", int, 128, "an integer >= 8", lambda x: x >= 8),
+    Key("max-seq-len", int, 256, "an integer >= 8", lambda x: x >= 8),
     Key("lora-rank", int, 8, "an integer >= 1", _pos),
-    Key("lora-alpha", float, 16.0, "a number > 0", _pos),
+    Key("lora-alpha", int, 16, "an integer > 0", _pos),
     Key("lora-targets", str, "q_proj,v_proj", "a comma-separated module list", lambda x: bool(x)),
     Key("model-dir", str, "", "a local folder holding the base model"),
     Key("out-dir", str, "runs/latest", "a writable folder for run outputs", lambda x: bool(x)),
     Key("sim-policies", str, "", "comma-separated site policy paths (simulation only)"),
     Key("round-timeout", float, 900.0, "seconds > 0", _pos),
-    Key("seed", int, -1, "-1 (unpredictable DP noise) or a seed >= 0 (testing only: NOT private)",
-        lambda x: x >= -1),
+    Key(
+        "seed",
+        int,
+        -1,
+        "-1 (unpredictable DP noise) or a seed >= 0 (testing only: NOT private)",
+        lambda x: x >= -1,
+    ),
 )
 
 
@@ -147,7 +150,7 @@ class LoraSpec:
     """The adapter structure every party of a federation must share."""
 
     rank: int
-    alpha: float
+    alpha: int
     targets: tuple[str, ...]
 
 
@@ -165,7 +168,7 @@ class RunConfig:
     noise_multiplier: float
     max_seq_len: int
     lora_rank: int
-    lora_alpha: float
+    lora_alpha: int
     lora_targets: str
     model_dir: str
     out_dir: str
@@ -208,7 +211,7 @@ class TrainRequest:
     noise_multiplier: float
     max_seq_len: int
     lora_rank: int
-    lora_alpha: float
+    lora_alpha: int
     lora_targets: str
     base_model_fingerprint: str
 
@@ -265,7 +268,7 @@ _FIELD_KINDS: dict[str, type] = {
     "noise_multiplier": float,
     "max_seq_len": int,
     "lora_rank": int,
-    "lora_alpha": float,
+    "lora_alpha": int,
     "lora_targets": str,
     "base_model_fingerprint": str,
 }

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,15 +26,27 @@ OFFLINE_ENV = {
     "HF_DATASETS_OFFLINE": "1",
     "TLDEXTRACT_PUBLIC_SUFFIX_LIST_URLS": "",
     "TOKENIZERS_PARALLELISM": "false",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
 }
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin")
 
 
 def set_offline_env() -> None:
-    """Switch off every hub/network lookup before heavy imports (idempotent)."""
+    """Switch off every hub/network lookup and progress bars before heavy imports (idempotent)."""
     for key, value in OFFLINE_ENV.items():
         os.environ.setdefault(key, value)
+    # PEFT calls a transformers property that transformers 5 deprecates; nothing for us to fix.
+    warnings.filterwarnings(
+        "ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning
+    )
+
+
+def _quiet_transformers() -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
 
 def check_model_dir(path: str | Path, key: str) -> Path:
@@ -59,7 +72,7 @@ def model_fingerprint(path: str | Path) -> str:
     """
     p = Path(path)
     digest = hashlib.sha256()
-    names = ["config.json"] + sorted(f.name for f in p.iterdir() if f.suffix in _WEIGHT_SUFFIXES)
+    names = ["config.json", *sorted(f.name for f in p.iterdir() if f.suffix in _WEIGHT_SUFFIXES)]
     for name in names:
         digest.update(name.encode())
         with open(p / name, "rb") as fh:
@@ -73,6 +86,8 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     set_offline_env()
     from transformers import AutoTokenizer
 
+    _quiet_transformers()
+
     tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
@@ -83,6 +98,8 @@ def load_base_model(path: str | Path) -> PreTrainedModel:
     """Load a causal LM from a local folder (float32 on CPU)."""
     set_offline_env()
     from transformers import AutoModelForCausalLM
+
+    _quiet_transformers()
 
     return AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True)
 

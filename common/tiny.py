@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 MANIFEST_NAME = "fedtune-tiny.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 SPECIAL_TOKENS = ("<s>", "</s>", "<pad>", "<unk>")
 _REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
 
@@ -114,6 +114,19 @@ economics, linguistics, history; people: researchers, students, the team, engine
 chemists, volunteers; action: measured, observed, recorded, compared, tested, estimated, modeled,
 analyzed; health: sleep, exercise, a balanced diet, drinking water, fresh air, regular checkups, washing
 hands, rest, vitamins, walking, stretching, vaccination, sunscreen, eating vegetables, less sugar;
+condition: atrial fibrillation, heart failure, angina, aortic stenosis, hypertension, hyperlipidemia,
+tachycardia, breast cancer, lung cancer, lymphoma, colon cancer, multiple myeloma, pancreatic cancer,
+ovarian cancer, leukemia, asthma, bronchiolitis, croup, otitis media, pharyngitis, gastroenteritis,
+dermatitis, dehydration, diabetes, pneumonia, anemia, neuropathy, infection; drug: metoprolol, apixaban,
+atorvastatin, lisinopril, furosemide, clopidogrel, amiodarone, spironolactone, carboplatin, paclitaxel,
+pembrolizumab, rituximab, lenalidomide, capecitabine, ondansetron, dexamethasone, filgrastim, tamoxifen,
+amoxicillin, albuterol, cetirizine, hydrocortisone, ibuprofen, acetaminophen, insulin, aspirin,
+prednisone, heparin; test: an echocardiogram, an ECG, a CT scan, a PET scan, an MRI, a blood count,
+troponin levels, the ejection fraction, a chest X-ray, a throat swab, platelet counts, hemoglobin,
+oxygen saturation, the heart rate, the temperature; dose: 5 mg daily, 10 mg twice daily, 25 mg daily,
+40 mg nightly, 200 mg every 3 weeks, 15 mg/kg as needed, 2 puffs every 4 hours, 0.6 mg/kg once;
+unit: cardiology, oncology, pediatrics, the emergency department, the clinic, the infusion center,
+the ward, intensive care, telemetry, radiology;
 benefit: the heart, the immune system, mood, energy levels, the muscles, blood pressure, the lungs,
 digestion, concentration, the bones, recovery, memory; ailment: a cold, the flu, a headache, a sore
 throat, a cough, an allergy, a sprained ankle, a fever; organ: the heart pumps blood, the kidneys filter
@@ -152,15 +165,37 @@ _TEMPLATES = (
     "Good habits such as {health} and {health2} support {benefit}.",
     "In {month}, many people in {city} catch {ailment}.",
     "{name} stayed home with {ailment} and drank {food}.",
+    "Textbooks describe {condition} and its treatment with {drug}.",
+    "In {unit}, {condition} is often checked with {test}.",
+    "A typical adult dose of {drug} is {dose}, but doctors adjust it for each patient.",
+    "Patients with {condition} may be admitted to {unit} for monitoring.",
+    "The guideline says {drug} and {drug2} should not be started without {test}.",
+    "Records at {place} list the date of birth (DOB), the medical record number (MRN) and {condition}.",
+    "A discharge summary for {condition} explains the diagnosis, {drug} and the follow-up in {month}.",
+    "Follow-up in {unit} was planned after {test} showed {condition}.",
+    "Nurses in {unit} gave {drug} {dose} and recorded {test}.",
+    "Summarize: {condition} is treated with {drug}; follow-up in {unit}.",
+    "### Instruction:\nSummarize the note about {topic}.\n\n### Response:\nThe {role} reviewed {topic}.",
+    "### Instruction:\nList the key facts about {subject}.\n\n"
+    "### Response:\nIn {field}, it {fact} ({num} notes).",
+    "In {city}, de-identified {field} records replace a name with <PERSON>, a date with <DATE>, "
+    "a phone with <PHONE>.",
+    "The {adj} form from {company} keeps <EMAIL>, <ADDRESS>, <MRN> and <ZIP> as placeholders.",
+    "The {age}-year-old {sex} with {condition} showed {test} results; continue {drug} and review again.",
+    "{name} asked to call back the main number or send an email; the home address is on the {month} form.",
+    "The patient with {ailment} prefers a callback; the recommendation was {health} and supportive care.",
+    "A {sex} patient, {age} years old, was seen on {day} in {unit} for {ailment}.",
 )
 
 
 def _fill(template: str, rng: random.Random) -> str:
     """Fill one template with slot values drawn from ``rng``."""
     values: dict[str, object] = {key: rng.choice(words) for key, words in _SLOTS.items()}
-    for key in ("name", "health", "food"):
+    for key in ("name", "health", "food", "drug"):
         values[key], values[key + "2"] = rng.sample(_SLOTS[key], 2)
     values["num"] = rng.randint(2, 60)
+    values["age"] = rng.randint(1, 95)
+    values["sex"] = rng.choice(("male", "female", "man", "woman", "boy", "girl"))
     sentence = template.format(**values)
     return sentence[0].upper() + sentence[1:]
 

@@ -69,9 +69,13 @@ def print_summary(summary: dict[str, Any], out: Path) -> None:
         before, after = s.get("eval_loss_before"), s.get("eval_loss_after")
         notes = "; ".join(r["reason"][:60] for r in s.get("refusals", []) + s.get("failures", []))
         table.add_row(
-            name, str(s.get("rounds_trained", 0)), f"{s.get('epsilon', 0.0):.3f}",
-            f"{s.get('max_epsilon', 0.0):g}", f"{before:.4f}" if before is not None else "-",
-            f"{after:.4f}" if after is not None else "-", notes or "",
+            name,
+            str(s.get("rounds_trained", 0)),
+            f"{s.get('epsilon', 0.0):.3f}",
+            f"{s.get('max_epsilon', 0.0):g}",
+            f"{before:.4f}" if before is not None else "-",
+            f"{after:.4f}" if after is not None else "-",
+            notes or "",
         )
     console.print(table)
     ratio = summary["bytes_up"] / max(1, summary["base_model"]["bytes"] * summary["rounds"])
@@ -101,14 +105,27 @@ def simulate(
         parts = []
         for site, row in line["sites"].items():
             ev = row.get("eval-loss")
-            parts.append(f"{site}: {row.get('status', '?')}"
-                         + (f" eps={row['epsilon']:.2f}" if "epsilon" in row else "")
-                         + (f" eval={ev:.3f}" if ev is not None else ""))
-        console.print(f"[bold]round {line['round']}/{rounds}[/bold] ({line['time']:.0f}s) " + " | ".join(parts))
+            parts.append(
+                f"{site}: {row.get('status', '?')}"
+                + (f" eps={row['epsilon']:.2f}" if "epsilon" in row else "")
+                + (f" eval={ev:.3f}" if ev is not None else "")
+            )
+        console.print(
+            f"[bold]round {line['round']}/{rounds}[/bold] ({line['time']:.0f}s) " + " | ".join(parts)
+        )
 
     console.print(f"simulating {sites} sites x {rounds} rounds into {out} ...")
-    summary = run(out, sites=sites, rounds=rounds, model=model, data=data, max_epsilon=max_epsilon,
-                  delta=delta, run_config=_parse_run_config(run_config or []), on_round=on_round)
+    summary = run(
+        out,
+        sites=sites,
+        rounds=rounds,
+        model=model,
+        data=data,
+        max_epsilon=max_epsilon,
+        delta=delta,
+        run_config=_parse_run_config(run_config or []),
+        on_round=on_round,
+    )
     print_summary(summary, out)
 
 

@@ -49,10 +49,13 @@ def site_files(data: Path, sites: int) -> list[Path]:
     """The first ``sites`` data files (sorted) in ``data``; one file per site."""
     files = sorted(p for p in data.iterdir() if p.suffix in (".jsonl", ".csv", ".parquet"))
     if len(files) < sites:
-        raise ConfigError(str(data), [
-            f"--data holds {len(files)} site file(s) but --sites is {sites}: "
-            "add one JSONL/CSV/Parquet file per site or lower --sites"
-        ])
+        raise ConfigError(
+            str(data),
+            [
+                f"--data holds {len(files)} site file(s) but --sites is {sites}: "
+                "add one JSONL/CSV/Parquet file per site or lower --sites"
+            ],
+        )
     return files[:sites]
 
 
@@ -65,8 +68,9 @@ def prepare_run(
         name = f.stem
         site_dir = out / "sites" / name
         site_dir.mkdir(parents=True, exist_ok=True)
-        text = render_policy(name=name, data_path=f.resolve(), model_path=model.resolve(),
-                             max_epsilon=max_epsilon, delta=delta)
+        text = render_policy(
+            name=name, data_path=f.resolve(), model_path=model.resolve(), max_epsilon=max_epsilon, delta=delta
+        )
         policy = site_dir / "policy.toml"
         policy.write_text(text, encoding="utf-8")
         policies.append(policy)
@@ -130,8 +134,10 @@ def simulate(
         server_app=build_server(overrides, on_round=on_round),
         client_app=build_client(overrides),
         num_supernodes=sites,
-        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-                        "init_args": {"num_cpus": min(sites, os.cpu_count() or 1)}},
+        backend_config={
+            "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+            "init_args": {"num_cpus": min(sites, os.cpu_count() or 1)},
+        },
     )
     import json
 

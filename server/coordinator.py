@@ -99,20 +99,30 @@ def run_federation(
         for r in strategy.last_evaluate:
             if "eval-loss" in r.metrics:
                 sites.setdefault(r.site, {})["eval_loss_after"] = r.metrics["eval-loss"]
-        line = {"round": rnd, "time": round(time.time() - t0, 2), "bytes_down": down, "bytes_up": up,
-                "updated": new_arrays is not None, "sites": rows}
+        line = {
+            "round": rnd,
+            "time": round(time.time() - t0, 2),
+            "bytes_down": down,
+            "bytes_up": up,
+            "updated": new_arrays is not None,
+            "sites": rows,
+        }
         with open(metrics_path, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(line) + "\n")
-        log.info("round %d/%d done: %s", rnd, cfg.num_server_rounds,
-                 {s: v.get("status") for s, v in rows.items()})
+        log.info(
+            "round %d/%d done: %s", rnd, cfg.num_server_rounds, {s: v.get("status") for s, v in rows.items()}
+        )
         if on_round is not None:
             on_round(line)
     write_adapter(cfg, arrays, out / "adapter")
     summary = {
         "run_id": run_id,
         "rounds": cfg.num_server_rounds,
-        "base_model": {"path": str(Path(cfg.model_dir).resolve()), "fingerprint": fingerprint,
-                       "bytes": base_bytes},
+        "base_model": {
+            "path": str(Path(cfg.model_dir).resolve()),
+            "fingerprint": fingerprint,
+            "bytes": base_bytes,
+        },
         "adapter_bytes": payload_bytes(arrays),
         **totals,
         "sites": dict(sorted(sites.items())),
@@ -129,8 +139,13 @@ def _merge_site(sites: dict[str, dict[str, Any]], r: SiteReply, rnd: int) -> Non
     s.setdefault("refusals", [])
     s.setdefault("failures", [])
     m = r.metrics
-    for key, name in (("epsilon", "epsilon"), ("epsilon-rdp", "epsilon_rdp"), ("delta", "delta"),
-                      ("max-epsilon", "max_epsilon"), ("noise-multiplier", "noise_multiplier")):
+    for key, name in (
+        ("epsilon", "epsilon"),
+        ("epsilon-rdp", "epsilon_rdp"),
+        ("delta", "delta"),
+        ("max-epsilon", "max_epsilon"),
+        ("noise-multiplier", "noise_multiplier"),
+    ):
         if key in m:
             s[name] = m[key]
     if r.status == "trained":

@@ -14,9 +14,7 @@ from server.coordinator import RoundCallback, run_federation
 set_offline_env()
 
 
-def build_app(
-    overrides: Mapping[str, Any] | None = None, on_round: RoundCallback | None = None
-) -> ServerApp:
+def build_app(overrides: Mapping[str, Any] | None = None, on_round: RoundCallback | None = None) -> ServerApp:
     """A ServerApp whose run config is ``context.run_config`` updated by ``overrides``."""
     extra = dict(overrides or {})
     server = ServerApp()

@@ -43,8 +43,12 @@ def describe(msg: Message) -> SiteReply:
     name = str(site.get("name", f"node-{node}")) if site else f"node-{node}"
     status = str(site.get("status", "evaluated")) if site else "evaluated"
     reason = str(site.get("reason", "")) if site else ""
-    metrics = {k: float(v) for rec in content.metric_records.values() for k, v in rec.items()
-               if isinstance(v, (int, float))}
+    metrics = {
+        k: float(v)
+        for rec in content.metric_records.values()
+        for k, v in rec.items()
+        if isinstance(v, (int, float))
+    }
     scrub_rec = content.config_records.get("scrub")
     scrub = {k: int(v) for k, v in scrub_rec.items() if isinstance(v, int)} if scrub_rec else {}
     up = sum(payload_bytes(r) for r in content.array_records.values())

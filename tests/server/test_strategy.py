@@ -32,11 +32,16 @@ def _reply(node: int, content: RecordDict | None = None, error: str | None = Non
 
 def _trained(node: int, value: float, n: int = 10, arrays: ArrayRecord | None = None) -> Message:
     state = {k: torch.full_like(v, value) for k, v in TEMPLATE.items()}
-    return _reply(node, RecordDict({
-        "arrays": arrays if arrays is not None else to_record(state),
-        "metrics": MetricRecord({"num-examples": n, "epsilon": 1.0}),
-        "site": ConfigRecord({"name": f"s{node}", "status": "trained", "reason": ""}),
-    }))
+    return _reply(
+        node,
+        RecordDict(
+            {
+                "arrays": arrays if arrays is not None else to_record(state),
+                "metrics": MetricRecord({"num-examples": n, "epsilon": 1.0}),
+                "site": ConfigRecord({"name": f"s{node}", "status": "trained", "reason": ""}),
+            }
+        ),
+    )
 
 
 def test_only_valid_updates_are_averaged() -> None:
@@ -44,12 +49,20 @@ def test_only_valid_updates_are_averaged() -> None:
     nan_state = {k: torch.full_like(v, float("nan")) for k, v in TEMPLATE.items()}
     wrong_shape = {"a.lora_A.weight": torch.zeros(3, 4), "a.lora_B.weight": torch.zeros(4, 2)}
     extra = {**TEMPLATE, "model.embed_tokens.weight": torch.zeros(8, 4)}
-    refused = _reply(6, RecordDict({
-        "metrics": MetricRecord({"num-examples": 0, "epsilon": 7.9}),
-        "site": ConfigRecord({"name": "s6", "status": "refused", "reason": "privacy budget exhausted"}),
-    }))
+    refused = _reply(
+        6,
+        RecordDict(
+            {
+                "metrics": MetricRecord({"num-examples": 0, "epsilon": 7.9}),
+                "site": ConfigRecord(
+                    {"name": "s6", "status": "refused", "reason": "privacy budget exhausted"}
+                ),
+            }
+        ),
+    )
     replies = [
-        _trained(1, 1.0, n=10), _trained(2, 4.0, n=30),
+        _trained(1, 1.0, n=10),
+        _trained(2, 4.0, n=30),
         _trained(3, 0.0, arrays=to_record(nan_state)),
         _trained(4, 0.0, arrays=to_record(wrong_shape)),
         _trained(5, 0.0, arrays=to_record(extra)),
@@ -63,8 +76,10 @@ def test_only_valid_updates_are_averaged() -> None:
         np.testing.assert_allclose(a.numpy(), 3.25)
     status = {r.site: (r.status, r.reason) for r in strat.last_train}
     assert status["s1"][0] == status["s2"][0] == "trained"
-    assert status["s3"] == ("rejected", "'a.lora_A.weight' holds NaN or infinite values; "
-                                        "'a.lora_B.weight' holds NaN or infinite values")
+    assert status["s3"] == (
+        "rejected",
+        "'a.lora_A.weight' holds NaN or infinite values; 'a.lora_B.weight' holds NaN or infinite values",
+    )
     assert "shape (3, 4)" in status["s4"][1]
     assert "unexpected keys ['model.embed_tokens.weight']" in status["s5"][1]
     assert status["s6"] == ("refused", "privacy budget exhausted")
