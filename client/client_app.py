@@ -54,6 +54,8 @@ def handle_train(msg: Message, context: Context, overrides: Mapping[str, Any]) -
             "scrub": ConfigRecord(dict(out.scrub_counts)),
         }
     )
+    if out.receipt:
+        content["receipt"] = ConfigRecord(dict(out.receipt))
     if out.arrays is not None:
         content["arrays"] = out.arrays
     return Message(content, reply_to=msg)

@@ -40,6 +40,8 @@ SECTIONS: dict[str, tuple[Key, ...]] = {
     "site": (
         Key("name", str, "", "a short site name (letters, digits, '-', '_')", lambda x: bool(x)),
         Key("state-dir", str, "state", "a writable folder", lambda x: bool(x)),
+        Key("signing-key", str, "", "the site's Ed25519 private key file (fedtune site keygen)"),
+        Key("signing-key-passphrase-env", str, "", "the name of an environment variable"),
     ),
     "data": (
         Key("path", str, "", "a JSONL, CSV or Parquet file", lambda x: bool(x)),
@@ -70,6 +72,8 @@ class SitePolicy:
     source: Path
     name: str
     state_dir: Path
+    signing_key: Path | None
+    signing_key_passphrase_env: str
     data_path: Path
     text_fields: tuple[str, ...]
     eval_fraction: float
@@ -138,6 +142,8 @@ def policy_from_mapping(raw: dict[str, Any], source: Path) -> SitePolicy:
         source=source,
         name=site["name"],
         state_dir=resolve(site["state_dir"]),
+        signing_key=resolve(site["signing_key"]) if site["signing_key"] else None,
+        signing_key_passphrase_env=site["signing_key_passphrase_env"],
         data_path=resolve(data["path"]),
         text_fields=tuple(data["text_fields"]),
         eval_fraction=data["eval_fraction"],
@@ -161,10 +167,12 @@ def render_policy(
     state_dir: str = "state",
     max_epsilon: float = 8.0,
     delta: float = 1e-5,
+    signing_key: Path | None = None,
 ) -> str:
     """A policy file's text, for provisioning and simulations."""
+    key = f'signing-key = "{signing_key}"\n' if signing_key is not None else ""
     return (
-        f'[site]\nname = "{name}"\nstate-dir = "{state_dir}"\n\n'
+        f'[site]\nname = "{name}"\nstate-dir = "{state_dir}"\n{key}\n'
         f'[data]\npath = "{data_path}"\ntext-fields = ["instruction", "response"]\n'
         "eval-fraction = 0.2\n\n"
         f'[model]\npath = "{model_path}"\n\n'

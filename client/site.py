@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,11 +42,15 @@ from common.modeling import (
     model_fingerprint,
 )
 from privacy.accounting import MechanismStep, calibrate_noise, epsilon
+from privacy.keys import load_signer
 from privacy.ledger import PrivacyLedger
 from privacy.pii import ScrubConfig, get_scrubber
 
 log = logging.getLogger(__name__)
 SCRUB_VERSION = "1"
+# The commit entry's fields a site returns as its receipt; the coordinator keeps them, so a site ledger
+# truncated or rewritten later disagrees with the coordinator's copy.
+RECEIPT_FIELDS = ("seq", "hash", "signature", "round", "run_id", "update_sha256")
 
 
 @dataclass
@@ -58,6 +64,7 @@ class RoundOutcome:
     num_examples: int = 0
     metrics: dict[str, float] = field(default_factory=dict)
     scrub_counts: dict[str, int] = field(default_factory=dict)
+    receipt: dict[str, Any] = field(default_factory=dict)
 
 
 class SiteAgent:
@@ -66,7 +73,7 @@ class SiteAgent:
     def __init__(self, policy: SitePolicy, *, seed: int | None = None) -> None:
         self.policy = policy
         self.seed = seed
-        self.ledger = PrivacyLedger(policy.ledger_path)
+        self.ledger = PrivacyLedger(policy.ledger_path, signer=_signer(policy))
         self._data: SiteData | None = None
         self._model: Any = None
         self._lora: LoraSpec | None = None
@@ -238,7 +245,7 @@ class SiteAgent:
             "sample-rate": dp.sample_rate,
             "steps": float(dp.steps),
         }
-        self.ledger.commit(
+        commit = self.ledger.commit(
             reserve_seq=int(entry["seq"]),
             update_sha256=update_sha256(record),
             num_examples=len(data.train),
@@ -251,6 +258,7 @@ class SiteAgent:
             num_examples=len(data.train),
             metrics=metrics,
             scrub_counts=data.scrub_counts,
+            receipt={k: commit[k] for k in RECEIPT_FIELDS if k in commit},
         )
 
     def _refusal(self, req: TrainRequest, exc: Exception) -> RoundOutcome:
@@ -270,6 +278,20 @@ class SiteAgent:
         model = self._load_global(req, arrays)
         _, _, ev_ids, ev_mask = self._tensors_for(req.max_seq_len)
         return evaluate_loss(model, ev_ids, ev_mask), int(ev_ids.size(0))
+
+
+def _signer(policy: SitePolicy) -> Callable[[bytes], str] | None:
+    """The ledger signer from the policy's signing key (None: entries are hash-chained only)."""
+    if policy.signing_key is None:
+        return None
+    env = policy.signing_key_passphrase_env
+    if env and env not in os.environ:
+        raise ConfigError(
+            str(policy.source),
+            [f"[site] signing-key-passphrase-env names '{env}' but it is not set in the agent's environment"],
+        )
+    passphrase = os.environ[env].encode() if env else None
+    return load_signer(policy.signing_key, passphrase)
 
 
 _AGENTS: dict[tuple[str, int | None], SiteAgent] = {}

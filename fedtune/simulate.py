@@ -62,14 +62,27 @@ def site_files(data: Path, sites: int) -> list[Path]:
 def prepare_run(
     out: Path, *, sites: int, model: Path, data: Path, max_epsilon: float, delta: float
 ) -> list[Path]:
-    """Write one policy per site under ``out/sites/<name>/``; return the policy paths."""
+    """Write one policy and signing key per site under ``out/sites/<name>/``; return the policies.
+
+    Each site's public key is copied to ``out/keys/<name>.pub``, as an auditor would receive it.
+    """
+    from privacy.keys import generate_keypair
+
     policies = []
+    (out / "keys").mkdir(parents=True, exist_ok=True)
     for f in site_files(data, sites):
         name = f.stem
         site_dir = out / "sites" / name
         site_dir.mkdir(parents=True, exist_ok=True)
+        private, public = generate_keypair(site_dir / "keys")
+        shutil.copyfile(public, out / "keys" / f"{name}.pub")
         text = render_policy(
-            name=name, data_path=f.resolve(), model_path=model.resolve(), max_epsilon=max_epsilon, delta=delta
+            name=name,
+            data_path=f.resolve(),
+            model_path=model.resolve(),
+            max_epsilon=max_epsilon,
+            delta=delta,
+            signing_key=private,
         )
         policy = site_dir / "policy.toml"
         policy.write_text(text, encoding="utf-8")

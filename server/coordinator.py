@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 import uuid
 from collections.abc import Callable, Mapping
@@ -96,6 +97,7 @@ def run_federation(
         rows = _site_rows(strategy.last_train, strategy.last_evaluate)
         for r in strategy.last_train:
             _merge_site(sites, r, rnd)
+        _append_receipts(out / "receipts.jsonl", strategy.last_train)
         for r in strategy.last_evaluate:
             if "eval-loss" in r.metrics:
                 sites.setdefault(r.site, {})["eval_loss_after"] = r.metrics["eval-loss"]
@@ -130,6 +132,16 @@ def run_federation(
     }
     write_summary(out / "summary.json", summary)
     return summary
+
+
+def _append_receipts(path: Path, replies: list[SiteReply]) -> None:
+    """Keep every accepted site's signed ledger receipt (the auditor's cross-check)."""
+    with open(path, "a", encoding="utf-8") as fh:
+        for r in replies:
+            if r.status == "trained" and r.receipt:
+                fh.write(json.dumps({"site": r.site, **r.receipt}, sort_keys=True) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
 
 
 def _merge_site(sites: dict[str, dict[str, Any]], r: SiteReply, rnd: int) -> None:

@@ -10,11 +10,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.serverapp.strategy import FedAvg
 
-from common.arrays import ArraySpec, check_update, payload_bytes
+from common.arrays import ArraySpec, check_update, payload_bytes, update_sha256
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +31,7 @@ class SiteReply:
     metrics: dict[str, float] = field(default_factory=dict)
     scrub: dict[str, int] = field(default_factory=dict)
     bytes_up: int = 0
+    receipt: dict[str, Any] = field(default_factory=dict)
 
 
 def describe(msg: Message) -> SiteReply:
@@ -52,7 +54,9 @@ def describe(msg: Message) -> SiteReply:
     scrub_rec = content.config_records.get("scrub")
     scrub = {k: int(v) for k, v in scrub_rec.items() if isinstance(v, int)} if scrub_rec else {}
     up = sum(payload_bytes(r) for r in content.array_records.values())
-    return SiteReply(node, name, status, reason, metrics, scrub, up)
+    receipt_rec = content.config_records.get("receipt")
+    receipt = dict(receipt_rec.items()) if receipt_rec else {}
+    return SiteReply(node, name, status, reason, metrics, scrub, up, receipt)
 
 
 class SiteFedAvg(FedAvg):
@@ -73,8 +77,7 @@ class SiteFedAvg(FedAvg):
         for msg in replies:
             info = describe(msg)
             if info.status == "trained":
-                arrays = msg.content.array_records.get("arrays")
-                problems = ["no 'arrays' record"] if arrays is None else check_update(arrays, self.template)
+                problems = self._check(msg.content.array_records.get("arrays"), info)
                 if problems:
                     info.status, info.reason = "rejected", "; ".join(problems)
                 else:
@@ -90,6 +93,15 @@ class SiteFedAvg(FedAvg):
             log.warning("round %d: no site update accepted; the global adapter is unchanged", server_round)
             return None, None
         return super().aggregate_train(server_round, accepted)
+
+    def _check(self, arrays: ArrayRecord | None, info: SiteReply) -> list[str]:
+        """Why an update cannot be aggregated (empty list = accept)."""
+        if arrays is None:
+            return ["no 'arrays' record"]
+        problems = check_update(arrays, self.template)
+        if not problems and info.receipt.get("update_sha256") != update_sha256(arrays):
+            problems.append("the update does not match the ledger receipt sent with it")
+        return problems
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Record per-site held-out losses, then aggregate the successful ones."""

@@ -9,6 +9,8 @@ from typing import Any
 import pytest
 
 from privacy.accounting import MechanismStep, epsilon
+from privacy.keys import load_verifier
+from privacy.ledger import PrivacyLedger, canonical_bytes
 
 pytestmark = pytest.mark.slow
 
@@ -53,6 +55,16 @@ def test_ledgers_record_every_round_and_recompute(demo_run: dict[str, Any]) -> N
         fresh = epsilon(history, delta=reserves[-1]["delta"], accountant="prv")
         assert fresh == pytest.approx(reserves[-1]["epsilon"], rel=1e-2)
         assert site["epsilon"] == pytest.approx(reserves[-1]["epsilon"])
+        # the coordinator kept each site's receipt: the same commit entries the site's ledger holds
+        receipts = [json.loads(x) for x in (demo_run["out"] / "receipts.jsonl").read_text().splitlines()]
+        mine = [(r["seq"], r["hash"]) for r in receipts if r["site"] == name]
+        assert mine == [(e["seq"], e["hash"]) for e in entries if e["kind"] == "commit"]
+        # every entry is signed with the site's key; the public half is in RUN/keys/
+        verify = load_verifier(demo_run["out"] / "keys" / f"{name}.pub")
+        assert all(verify(canonical_bytes(e), e["signature"]) for e in entries)
+        assert (
+            PrivacyLedger(demo_run["out"] / "ledgers" / f"{name}.jsonl", verifier=verify).verify_chain() == []
+        )
 
 
 def test_adapter_is_a_standard_peft_directory(demo_run: dict[str, Any], tiny_model: Path) -> None:

@@ -10,7 +10,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from common.arrays import spec_of, to_record
+from common.arrays import spec_of, to_record, update_sha256
 from server.strategy import SiteFedAvg
 
 TEMPLATE = {"a.lora_A.weight": torch.zeros(2, 4), "a.lora_B.weight": torch.zeros(4, 2)}
@@ -30,13 +30,22 @@ def _reply(node: int, content: RecordDict | None = None, error: str | None = Non
     return Message(content, reply_to=ask)
 
 
-def _trained(node: int, value: float, n: int = 10, arrays: ArrayRecord | None = None) -> Message:
+def _trained(
+    node: int,
+    value: float,
+    n: int = 10,
+    arrays: ArrayRecord | None = None,
+    receipt_of: ArrayRecord | None = None,
+) -> Message:
     state = {k: torch.full_like(v, value) for k, v in TEMPLATE.items()}
+    arrays = arrays if arrays is not None else to_record(state)
+    digest = update_sha256(receipt_of if receipt_of is not None else arrays)
     return _reply(
         node,
         RecordDict(
             {
-                "arrays": arrays if arrays is not None else to_record(state),
+                "arrays": arrays,
+                "receipt": ConfigRecord({"seq": 1, "hash": "ab" * 32, "update_sha256": digest}),
                 "metrics": MetricRecord({"num-examples": n, "epsilon": 1.0}),
                 "site": ConfigRecord({"name": f"s{node}", "status": "trained", "reason": ""}),
             }
@@ -68,6 +77,7 @@ def test_only_valid_updates_are_averaged() -> None:
         _trained(5, 0.0, arrays=to_record(extra)),
         refused,
         _reply(7, error="data.jsonl:3: not valid JSON"),
+        _trained(8, 9.0, receipt_of=to_record(TEMPLATE)),  # update swapped after the site signed
     ]
     arrays, _ = strat.aggregate_train(1, replies)
     assert arrays is not None
@@ -84,6 +94,7 @@ def test_only_valid_updates_are_averaged() -> None:
     assert "unexpected keys ['model.embed_tokens.weight']" in status["s5"][1]
     assert status["s6"] == ("refused", "privacy budget exhausted")
     assert status["node-7"] == ("failed", "data.jsonl:3: not valid JSON")
+    assert status["s8"] == ("rejected", "the update does not match the ledger receipt sent with it")
 
 
 def test_no_valid_update_keeps_global_model() -> None:
