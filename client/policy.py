@@ -54,6 +54,9 @@ SECTIONS: dict[str, tuple[Key, ...]] = {
         Key("max-epsilon", float, 8.0, "a number > 0", lambda x: x > 0),
         Key("delta", float, 1e-5, "a number in (0, 1e-3]", lambda x: 0 < x <= 1e-3),
         Key("min-noise-multiplier", float, 0.3, "a number >= 0", lambda x: x >= 0),
+        Key("max-sample-rate", float, 0.25, "a fraction in (0, 1]", lambda x: 0 < x <= 1),
+        Key("max-grad-norm", float, 10.0, "a number > 0 (ceiling on the clip norm)", lambda x: x > 0),
+        Key("max-steps-per-round", int, 1000, "an integer >= 1", lambda x: x >= 1),
         Key("accountant", str, "prv", "'prv' or 'rdp'", lambda x: x in ("prv", "rdp")),
     ),
     "pii": (
@@ -82,6 +85,9 @@ class SitePolicy:
     max_epsilon: float
     delta: float
     min_noise_multiplier: float
+    max_sample_rate: float
+    max_grad_norm: float
+    max_steps_per_round: int
     accountant: str
     spacy_model: str
     pii_operator: str
@@ -152,6 +158,9 @@ def policy_from_mapping(raw: dict[str, Any], source: Path) -> SitePolicy:
         max_epsilon=priv["max_epsilon"],
         delta=priv["delta"],
         min_noise_multiplier=priv["min_noise_multiplier"],
+        max_sample_rate=priv["max_sample_rate"],
+        max_grad_norm=priv["max_grad_norm"],
+        max_steps_per_round=priv["max_steps_per_round"],
         accountant=priv["accountant"],
         spacy_model=pii["spacy_model"],
         pii_operator=pii["operator"],

@@ -178,6 +178,25 @@ class SiteAgent:
         """
         pol = self.policy
         q = min(1.0, req.batch_size / n_train)
+        limits = [
+            (
+                q > pol.max_sample_rate,
+                f"sample rate {q:.4g} (batch-size {req.batch_size} / {n_train} "
+                f"records) is above the site's max-sample-rate {pol.max_sample_rate:g}",
+            ),
+            (
+                req.max_grad_norm > pol.max_grad_norm,
+                f"clip norm {req.max_grad_norm:g} is above the site's max-grad-norm {pol.max_grad_norm:g}",
+            ),
+            (
+                req.local_steps > pol.max_steps_per_round,
+                f"{req.local_steps} local steps are above the "
+                f"site's max-steps-per-round {pol.max_steps_per_round}",
+            ),
+        ]
+        broken = [why for bad, why in limits if bad]
+        if broken:
+            raise PolicyViolationError("; ".join(broken) + ": the site refuses")
         if req.noise_multiplier > 0:
             if req.noise_multiplier < pol.min_noise_multiplier:
                 raise PolicyViolationError(

@@ -43,7 +43,7 @@ def _request(model: Path, rnd: int = 1, rounds: int = 2, **kw: float) -> TrainRe
     cfg = RunConfig.from_flower(
         {
             "local-steps": 3,
-            "batch-size": 8,
+            "batch-size": 6,
             "max-seq-len": 64,
             "lora-rank": 4,
             "lora-alpha": 8,
@@ -109,6 +109,23 @@ def test_bad_data_fails_before_any_budget_is_spent(
     assert not agent.policy.ledger_path.exists()
 
 
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ({"batch-size": 30}, "max-sample-rate"),
+        ({"max-grad-norm": 50.0}, "max-grad-norm"),
+        ({"local-steps": 5000}, "max-steps-per-round"),
+    ],
+)
+def test_requests_looser_than_the_policy_are_refused(
+    tmp_path: Path, tiny_model: Path, small_data: Path, override: dict[str, float], key: str
+) -> None:
+    agent = SiteAgent(load_policy(_policy(tmp_path, small_data, tiny_model)))
+    out = agent.train_round(_global(tiny_model), _request(tiny_model, **override))  # type: ignore[arg-type]
+    assert not out.trained and key in out.reason
+    assert [e["kind"] for e in PrivacyLedger(agent.policy.ledger_path).entries()] == ["refuse"]
+
+
 RESTART_SCRIPT = textwrap.dedent("""
     import json, sys, torch
     from client.policy import load_policy
@@ -120,7 +137,7 @@ RESTART_SCRIPT = textwrap.dedent("""
     torch.manual_seed(0)
     lora = LoraSpec(4, 8, ("q_proj", "v_proj"))
     arrays = to_record(adapter_state(make_peft_model(load_base_model(model), lora)))
-    cfg = RunConfig.from_flower({"local-steps": 3, "batch-size": 8, "max-seq-len": 64, "lora-rank": 4,
+    cfg = RunConfig.from_flower({"local-steps": 3, "batch-size": 6, "max-seq-len": 64, "lora-rank": 4,
                                  "lora-alpha": 8, "num-server-rounds": 3})
     req = TrainRequest.build(cfg, server_round=rnd, run_id="r", fingerprint=model_fingerprint(model))
     out = SiteAgent(load_policy(policy)).train_round(arrays, req)
@@ -150,3 +167,42 @@ def test_epsilon_continues_across_process_restarts(
     assert second["epsilon"] == pytest.approx(epsilon([step, step], delta=1e-5), rel=1e-9)
     assert second["epsilon"] > first["epsilon"] * 1.2
     assert second["epsilon"] <= load_policy(policy).max_epsilon
+
+
+CRASH_SCRIPT = RESTART_SCRIPT.replace(
+    "out = SiteAgent",
+    "import time, client.site\n"
+    "def hang(*a, **k):\n    print('RESERVED', flush=True)\n    time.sleep(600)\n"
+    "client.site.train_dp = hang\n"
+    "out = SiteAgent",
+)
+
+
+def test_reservation_counts_when_the_site_dies_mid_training(
+    tmp_path: Path, tiny_model: Path, small_data: Path
+) -> None:
+    policy = _policy(tmp_path, small_data, tiny_model)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", CRASH_SCRIPT, str(policy), str(tiny_model), "1"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "RESERVED"  # training started after the reservation
+    finally:
+        proc.kill()  # SIGKILL: no cleanup, no commit
+        proc.wait(timeout=60)
+    ledger = PrivacyLedger(load_policy(policy).ledger_path)
+    [reserved] = ledger.entries()
+    assert reserved["kind"] == "reserve" and ledger.verify_chain() == []
+    step1 = MechanismStep(reserved["noise_multiplier"], reserved["sample_rate"], reserved["steps"])
+    out = SiteAgent(load_policy(policy)).train_round(
+        _global(tiny_model), _request(tiny_model, rnd=2, rounds=3)
+    )  # type: ignore[arg-type]
+    assert out.trained
+    step2 = MechanismStep(
+        out.metrics["noise-multiplier"], out.metrics["sample-rate"], int(out.metrics["steps"])
+    )
+    assert out.metrics["epsilon"] == pytest.approx(epsilon([step1, step2], delta=1e-5), rel=1e-9)
+    assert out.metrics["epsilon"] > epsilon([step2], delta=1e-5)
