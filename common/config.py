@@ -62,6 +62,12 @@ def _coerce(key: Key, value: Any) -> tuple[Any, str | None]:
             return float(value), None
     elif kind is str and isinstance(value, str):
         return value, None
+    elif kind is dict:
+        if isinstance(value, dict) and all(
+            isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+        ):
+            return dict(value), None
+        return value, f'must be a table of text values (e.g. {{ DATE_TIME = "redact" }}), got {value!r}'
     elif kind is list:
         if isinstance(value, list) and all(isinstance(v, str) for v in value):
             return list(value), None

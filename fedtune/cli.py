@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from common.errors import FedtuneError
+from fedtune.scrub_cli import scrub
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
 model_app = typer.Typer(no_args_is_help=True, help="Base models.")
@@ -18,6 +19,7 @@ data_app = typer.Typer(no_args_is_help=True, help="Embedded data.")
 app.add_typer(model_app, name="model")
 app.add_typer(data_app, name="data")
 console = Console()
+app.command("scrub")(scrub)
 
 
 @model_app.command("tiny")

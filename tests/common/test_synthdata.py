@@ -133,3 +133,28 @@ def test_rejects_negative_sizes() -> None:
         generate_site_records(0, -1)
     with pytest.raises(ValueError):
         site_names(-1)
+
+
+def test_labelled_pii_set_spans_and_checksums() -> None:
+    from common.synthpii import DOMAINS, generate_labelled_texts
+
+    texts = generate_labelled_texts(40, seed=2)
+    assert texts == generate_labelled_texts(40, seed=2) and len(texts) == 3 * 40
+    assert {t.domain for t in texts} == set(DOMAINS)
+    labels = Counter(s.label for t in texts for s in t.pii)
+    assert len(labels) >= 17 and min(labels.values()) >= 5, labels
+    for t in texts:
+        for span in t.pii + t.terms:
+            value = t.value(span)
+            assert value and value == value.strip(), (span, t.text)
+    for t in texts:
+        for span in t.pii:
+            digits = [int(c) for c in t.value(span) if c.isdigit()]
+            if span.label == "CREDIT_CARD":  # Luhn
+                total = sum(
+                    d if i % 2 == 0 else (2 * d - 9 if d > 4 else 2 * d) for i, d in enumerate(digits[::-1])
+                )
+                assert total % 10 == 0, t.value(span)
+    formats = {t.value(s) for t in texts for s in t.pii if s.label == "DATE_TIME"}
+    assert any(re.fullmatch(r"\d{4}-\d\d-\d\d", d) for d in formats)
+    assert any(re.fullmatch(r"\d\d-[A-Z][a-z]{2}-\d{4}", d) for d in formats)
