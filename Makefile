@@ -17,7 +17,7 @@ export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
 export RAY_USAGE_STATS_ENABLED := 0
 export FEDTUNE_CACHE := $(CURDIR)/$(WORK)/cache
 
-.PHONY: demo test lint install clean
+.PHONY: demo test lint install clean report-screenshot
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,9 @@ $(WORK)/data/.complete: | $(STAMP)
 demo: $(STAMP) $(WORK)/tiny-model/config.json $(WORK)/data/.complete
 	rm -rf $(RUN)
 	$(BIN)/fedtune simulate --sites 3 --rounds 3 --model $(WORK)/tiny-model --data $(WORK)/data --out $(RUN)
+	$(BIN)/fedtune audit verify $(RUN)/ledgers/*.jsonl --receipts $(RUN)
+	$(BIN)/fedtune audit report $(RUN) --out $(RUN)/report.html
+	@echo "privacy report: $(CURDIR)/$(RUN)/report.html"
 
 test: $(STAMP)
 	$(BIN)/pytest -q
@@ -45,6 +48,11 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy common privacy client server fedtune
+
+# Renders the audit report in headless Chromium (Debian package; not needed by `make test`).
+report-screenshot: $(STAMP)
+	command -v chromium >/dev/null || (apt-get update && apt-get install -y chromium)
+	FEDTUNE_REPORT_SCREENSHOT=$(CURDIR)/runs/report.png $(BIN)/pytest -q tests/e2e/test_audit_report.py
 
 clean:
 	rm -rf $(WORK) runs

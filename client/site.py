@@ -253,7 +253,8 @@ class SiteAgent:
         except (BudgetExceededError, PolicyViolationError) as exc:  # refusal already in the ledger
             return self._refusal(req, exc)
         stats = train_dp(model, ids, mask, dp, learning_rate=req.learning_rate, seed=self.seed)
-        record = to_record(adapter_state(model))
+        state = adapter_state(model)
+        record = to_record({k: state[k] for k in req.lora.update_keys(state)})
         metrics = {
             "train-loss": stats.mean_loss,
             "eval-loss-before": eval_before,

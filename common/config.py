@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import difflib
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -137,6 +137,8 @@ RUN_KEYS: tuple[Key, ...] = (
     Key("lora-rank", int, 8, "an integer >= 1", _pos),
     Key("lora-alpha", int, 16, "an integer > 0", _pos),
     Key("lora-targets", str, "q_proj,v_proj", "a comma-separated module list", lambda x: bool(x)),
+    Key("ffa-lora", bool, False, "true (train and send LoRA B only, A frozen) or false"),
+    Key("dp", bool, True, "true, or false for a non-private baseline (sites must allow it)"),
     Key("model-dir", str, "", "a local folder holding the base model"),
     Key("out-dir", str, "runs/latest", "a writable folder for run outputs", lambda x: bool(x)),
     Key("sim-policies", str, "", "comma-separated site policy paths (simulation only)"),
@@ -158,6 +160,11 @@ class LoraSpec:
     rank: int
     alpha: int
     targets: tuple[str, ...]
+    ffa: bool = False  # FFA-LoRA: A frozen at the shared init, only B trained and exchanged
+
+    def update_keys(self, keys: Iterable[str]) -> list[str]:
+        """The adapter keys a site trains and sends (all of them, or only B under FFA-LoRA)."""
+        return [k for k in keys if not self.ffa or ".lora_B." in k]
 
 
 @dataclass(frozen=True)
@@ -176,6 +183,8 @@ class RunConfig:
     lora_rank: int
     lora_alpha: int
     lora_targets: str
+    ffa_lora: bool
+    dp: bool
     model_dir: str
     out_dir: str
     sim_policies: str
@@ -191,7 +200,7 @@ class RunConfig:
     def lora(self) -> LoraSpec:
         """The LoRA structure requested from every site."""
         targets = tuple(t.strip() for t in self.lora_targets.split(",") if t.strip())
-        return LoraSpec(rank=self.lora_rank, alpha=self.lora_alpha, targets=targets)
+        return LoraSpec(rank=self.lora_rank, alpha=self.lora_alpha, targets=targets, ffa=self.ffa_lora)
 
     def policy_paths(self) -> list[str]:
         """Site policy paths for simulation, indexed by partition id."""
@@ -219,13 +228,15 @@ class TrainRequest:
     lora_rank: int
     lora_alpha: int
     lora_targets: str
+    ffa_lora: bool
+    dp: bool
     base_model_fingerprint: str
 
     @property
     def lora(self) -> LoraSpec:
         """The LoRA structure of the global adapter."""
         targets = tuple(t.strip() for t in self.lora_targets.split(",") if t.strip())
-        return LoraSpec(rank=self.lora_rank, alpha=self.lora_alpha, targets=targets)
+        return LoraSpec(rank=self.lora_rank, alpha=self.lora_alpha, targets=targets, ffa=self.ffa_lora)
 
     @classmethod
     def build(cls, cfg: RunConfig, *, server_round: int, run_id: str, fingerprint: str) -> TrainRequest:
@@ -243,6 +254,8 @@ class TrainRequest:
             lora_rank=cfg.lora_rank,
             lora_alpha=cfg.lora_alpha,
             lora_targets=cfg.lora_targets,
+            ffa_lora=cfg.ffa_lora,
+            dp=cfg.dp,
             base_model_fingerprint=fingerprint,
         )
 
@@ -276,6 +289,8 @@ _FIELD_KINDS: dict[str, type] = {
     "lora_rank": int,
     "lora_alpha": int,
     "lora_targets": str,
+    "ffa_lora": bool,
+    "dp": bool,
     "base_model_fingerprint": str,
 }
 

@@ -122,7 +122,12 @@ def make_peft_model(base: PreTrainedModel, spec: LoraSpec) -> PeftModel:
     """Wrap ``base`` with a fresh LoRA adapter; only adapter weights are trainable."""
     from peft import get_peft_model
 
-    return get_peft_model(base, lora_config(spec))
+    model = get_peft_model(base, lora_config(spec))
+    if spec.ffa:
+        for name, param in model.named_parameters():
+            if ".lora_A." in name:
+                param.requires_grad_(False)
+    return model
 
 
 def adapter_state(model: PeftModel) -> dict[str, torch.Tensor]:

@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from common.errors import FedtuneError
+from fedtune.audit_cli import audit_app, site_app
 from fedtune.scrub_cli import scrub
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
@@ -20,6 +21,8 @@ app.add_typer(model_app, name="model")
 app.add_typer(data_app, name="data")
 console = Console()
 app.command("scrub")(scrub)
+app.add_typer(audit_app, name="audit", help="Offline verification and evidence for the privacy office.")
+app.add_typer(site_app, name="site", help="Site set-up: ledger signing keys.")
 
 
 @model_app.command("tiny")

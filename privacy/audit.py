@@ -45,8 +45,9 @@ RECEIPTS_NAME = "receipts.jsonl"
 RECEIPT_FIELDS = ("site", "round", "run_id", "seq", "hash", "update_sha256")
 PRV_EPS_ERROR = 0.01  # as documented for ledger writers
 RDP_ONLY_ABOVE = 50.0  # writers report RDP without running PRV above this
-_RESERVE_NUMBERS = ("noise_multiplier", "sample_rate", "steps", "max_grad_norm", "delta", "max_epsilon")
-_RESERVE_NUMBERS += ("epsilon", "epsilon_rdp")
+_MECHANISM = ("noise_multiplier", "sample_rate", "steps", "max_grad_norm", "delta")
+_RESERVE_NUMBERS = (*_MECHANISM, "max_epsilon", "epsilon", "epsilon_rdp")
+Verifier = Callable[[bytes, str], bool]
 _ALPHA_NOTE = r"Optimal order is the (largest|smallest) alpha"
 
 
@@ -74,14 +75,15 @@ class EntryStatus:
     line: int
     seq: int | None
     kind: str | None
-    run_id: str | None
-    round: int | None
+    run_id: str | None = None
+    round: int | None = None
     ok: bool = True
-    epsilon: float | None = None  # recorded (reserve entries)
-    epsilon_recomputed: float | None = None
-    epsilon_rdp: float | None = None
+    hash: str | None = None
+    signature: str | None = None
+    update_sha256: str | None = None  # commit entries
+    parameters: dict[str, Any] = field(default_factory=dict)  # recorded reservation fields
+    epsilon_recomputed: float | None = None  # reserve entries: fresh PRV (see recompute_epsilon)
     epsilon_rdp_recomputed: float | None = None
-    parameters: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -103,9 +105,8 @@ class LedgerAudit:
     def error(self, line: int | None, seq: int | None, check: str, message: str) -> None:
         """Record a failing finding (and mark the entry on ``line`` as failing)."""
         self.findings.append(Finding(self.path, line, seq, check, message))
-        for entry in self.entries:
-            if line is not None and entry.line == line:
-                entry.ok = False
+        for entry in (e for e in self.entries if line is not None and e.line == line):
+            entry.ok = False
 
     def warn(self, line: int | None, seq: int | None, check: str, message: str) -> None:
         """Record a finding that does not fail verification."""
@@ -140,14 +141,6 @@ class AuditResult:
         }
 
 
-def _merge(history: Iterable[tuple[float, float, int]]) -> list[tuple[float, float, int]]:
-    """Sum the steps of identical (noise, sample rate) pairs; composition is order-free."""
-    steps: dict[tuple[float, float], int] = {}
-    for sigma, q, n in history:
-        steps[(sigma, q)] = steps.get((sigma, q), 0) + n
-    return [(sigma, q, n) for (sigma, q), n in steps.items()]
-
-
 @functools.lru_cache(maxsize=512)
 def recompute_epsilon(history: tuple[tuple[float, float, int], ...], delta: float) -> tuple[float, float]:
     """Cumulative ``(epsilon, epsilon_rdp)`` of DP-SGD mechanisms, from fresh Opacus accountants.
@@ -165,16 +158,17 @@ def recompute_epsilon(history: tuple[tuple[float, float, int], ...], delta: floa
         The PRV upper bound (``eps_error=0.01``; the RDP bound when RDP exceeds 50 or PRV
         fails, exactly as ledger writers do) and the RDP bound.
     """
-    merged = _merge(history)
+    steps: dict[tuple[float, float], int] = {}  # composition is order-free: merge equal mechanisms
+    for sigma, q, n in history:
+        steps[(sigma, q)] = steps.get((sigma, q), 0) + n
+    merged = [(sigma, q, n) for (sigma, q), n in steps.items()]
     with np.errstate(divide="ignore"), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=_ALPHA_NOTE, category=UserWarning)
-        rdp_acc = RDPAccountant()
-        rdp_acc.history = list(merged)
+        rdp_acc, prv_acc = RDPAccountant(), PRVAccountant()
+        rdp_acc.history, prv_acc.history = list(merged), list(merged)
         rdp = float(rdp_acc.get_epsilon(delta))
         if rdp > RDP_ONLY_ABOVE:
             return rdp, rdp
-        prv_acc = PRVAccountant()
-        prv_acc.history = list(merged)
         try:
             prv = float(prv_acc.get_epsilon(delta, eps_error=PRV_EPS_ERROR))
         except (ValueError, RuntimeError, FloatingPointError, OverflowError, MemoryError):
@@ -188,151 +182,234 @@ def _number(value: object, *, integer: bool = False) -> bool:
     return isinstance(value, int) if integer else math.isfinite(value)
 
 
-def _parse(audit: LedgerAudit, lineno: int, text: str) -> dict[str, Any] | None:
-    def reject(name: str) -> None:
-        raise ValueError(f"{name} is not allowed")
-
-    try:
-        entry = json.loads(text, parse_constant=reject)
-    except ValueError as exc:
-        audit.error(lineno, None, "format", f"not valid JSON ({exc})")
-        return None
-    if not isinstance(entry, dict):
-        audit.error(lineno, None, "format", "not a JSON object")
-        return None
-    return entry
+def _reject(name: str) -> None:
+    raise ValueError(f"{name} is not allowed")
 
 
-def _check_chain(audit: LedgerAudit, verifier: Callable[[bytes, str], bool] | None) -> None:
-    """Chain, signatures, entry formats, round order and commit references."""
-    prev_hash = GENESIS_HASH
-    last_round: dict[str, int] = {}  # run_id -> highest round seen
+def _check_chain(audit: LedgerAudit, verifier: Verifier | None) -> None:
+    """Chain, signatures, entry formats, round order and commit references of every line."""
+    prev_hash, last_time = GENESIS_HASH, ""
+    last_round: dict[str, int] = {}  # run_id -> highest round of any entry
     last_reserve: dict[str, int] = {}  # run_id -> highest reserved round
-    reserves: dict[int, tuple[str | None, int | None, bool]] = {}  # seq -> run, round, committed
-    last_time = ""
+    reserves: dict[int, tuple[str, int, bool]] = {}  # seq -> run_id, round, committed
     lines = Path(audit.path).read_text(encoding="utf-8").split("\n")
     if lines[-1] == "":
         lines.pop()
     for index, text in enumerate(lines):
-        lineno = index + 1
-        entry = _parse(audit, lineno, text)
-        seq_value = entry.get("seq") if entry is not None else None
-        seq = seq_value if _number(seq_value, integer=True) else None
-        kind = entry.get("kind") if entry is not None else None
-        status = EntryStatus(lineno, seq, kind if isinstance(kind, str) else None, None, None)
+        try:
+            entry = json.loads(text, parse_constant=_reject)
+            problem = "" if isinstance(entry, dict) else "not a JSON object"
+        except ValueError as exc:
+            entry, problem = None, f"not valid JSON ({exc})"
+        e = entry if isinstance(entry, dict) else {}
+        seq = e.get("seq") if _number(e.get("seq"), integer=True) else None
+        status = EntryStatus(index + 1, seq, e.get("kind") if isinstance(e.get("kind"), str) else None)
         audit.entries.append(status)
-        if entry is None:
-            status.ok = False
+        status.hash = e.get("hash") if isinstance(e.get("hash"), str) else None
+        status.signature = e.get("signature") if isinstance(e.get("signature"), str) else None
+        status.update_sha256 = e.get("update_sha256") if isinstance(e.get("update_sha256"), str) else None
+        fail = functools.partial(audit.error, status.line, seq)
+        if problem:
+            fail("format", problem)
             prev_hash = "<unreadable line>"
             continue
-        run_id, rnd = entry.get("run_id"), entry.get("round")
-        status.run_id = run_id if isinstance(run_id, str) else None
-        status.round = rnd if _number(rnd, integer=True) else None
-
-        def fail(check: str, message: str, _line: int = lineno, _seq: int | None = seq) -> None:
-            audit.error(_line, _seq, check, message)
-
         if seq != index:
-            fail("chain", f"seq is {seq_value!r}, expected {index}: entries were deleted, inserted or moved")
-        if entry.get("prev_hash") != prev_hash:
+            fail("chain", f"seq is {e.get('seq')!r}, expected {index}: entries deleted, inserted or moved")
+        if e.get("prev_hash") != prev_hash:
             fail("chain", "prev_hash does not match the previous entry's hash: the chain is broken here")
-        body = canonical_bytes(entry)
-        if entry.get("hash") != hashlib.sha256(body).hexdigest():
+        body = canonical_bytes(e)
+        if e.get("hash") != hashlib.sha256(body).hexdigest():
             fail("chain", "hash does not match the entry's content: the entry was modified")
-        prev_hash = str(entry.get("hash"))
-        if verifier is not None:
-            signature = entry.get("signature")
-            if not isinstance(signature, str):
-                fail("signature", "entry is not signed")
-            elif not verifier(body, signature):
-                fail("signature", f"signature does not verify with key {audit.key_fingerprint}")
-        time = entry.get("time")
-        if isinstance(time, str) and time < last_time:
-            audit.warn(lineno, seq, "order", f"time {time} is earlier than the previous entry's {last_time}")
-        last_time = time if isinstance(time, str) else last_time
-        if kind not in ("reserve", "commit", "refuse"):
-            fail("format", f"unknown kind {kind!r} (expected reserve, commit or refuse)")
+        prev_hash = str(e.get("hash"))
+        if verifier is not None and not isinstance(e.get("signature"), str):
+            fail("signature", "entry is not signed")
+        elif verifier is not None and not verifier(body, e["signature"]):
+            fail("signature", f"signature does not verify with key {audit.key_fingerprint}")
+        if isinstance(e.get("time"), str):
+            if e["time"] < last_time:
+                audit.warn(status.line, seq, "order", f"time {e['time']} precedes the previous {last_time}")
+            last_time = e["time"]
+        if status.kind not in ("reserve", "commit", "refuse"):
+            fail("format", f"unknown kind {e.get('kind')!r} (expected reserve, commit or refuse)")
             continue
-        if status.run_id is None or status.round is None:
-            fail("format", "run_id (string) and round (integer) are required")
+        if not isinstance(e.get("run_id"), str) or not _number(e.get("round"), integer=True):
+            fail("format", "run_id (a string) and round (an integer) are required")
             continue
-        if kind == "reserve":
-            bad = [k for k in _RESERVE_NUMBERS if not _number(entry.get(k), integer=k == "steps")]
+        run, rnd = status.run_id, status.round = e["run_id"], e["round"]
+        if status.kind == "reserve":
+            bad = [k for k in _RESERVE_NUMBERS if not _number(e.get(k), integer=k == "steps")]
             if bad:
                 fail("format", f"reservation fields {bad} are missing or not numbers")
-            status.parameters = {k: entry.get(k) for k in (*_RESERVE_NUMBERS[:6], "accountant")}
-            if rnd <= last_reserve.get(run_id, -1):
-                fail("order", f"round {rnd} of run {run_id} reserved after round {last_reserve[run_id]}")
-            last_reserve[run_id] = max(rnd, last_reserve.get(run_id, -1))
-            if seq is not None:
-                reserves[seq] = (run_id, rnd, False)
-        elif rnd < last_round.get(run_id, -1):
-            fail("order", f"round {rnd} of run {run_id} comes after round {last_round[run_id]}")
-        last_round[run_id] = max(rnd, last_round.get(run_id, -1))
-        if kind == "commit":
-            ref = entry.get("reserve_seq")
-            target = reserves.get(ref) if _number(ref, integer=True) else None
-            if target is None:
-                fail("commit", f"commits reservation {ref!r}, which is not an earlier reserve entry")
-            elif target[2]:
-                fail("commit", f"reservation {ref} was already committed")
             else:
-                if target[:2] != (run_id, rnd):
-                    fail("commit", f"run/round ({run_id}, {rnd}) differ from reservation {ref}'s {target[:2]}")
+                status.parameters = {k: e[k] for k in _RESERVE_NUMBERS} | {"accountant": e.get("accountant")}
+            if rnd <= last_reserve.get(run, -1):
+                fail("order", f"round {rnd} of run {run} reserved after its round {last_reserve[run]}")
+            last_reserve[run] = max(rnd, last_reserve.get(run, -1))
+            if seq is not None:
+                reserves[seq] = (run, rnd, False)
+        elif rnd < last_round.get(run, -1):
+            fail("order", f"round {rnd} of run {run} comes after its round {last_round[run]}")
+        last_round[run] = max(rnd, last_round.get(run, -1))
+        if status.kind == "commit":
+            ref = e.get("reserve_seq")
+            target = reserves.get(ref) if isinstance(ref, int) else None
+            if not isinstance(ref, int) or target is None or target[2]:
+                fail("commit", f"reservation {ref!r} is not an earlier reservation, or already committed")
+            else:
+                if target[:2] != (run, rnd):
+                    fail("commit", f"run/round ({run}, {rnd}) differ from reservation {ref}'s {target[:2]}")
                 reserves[ref] = (target[0], target[1], True)
 
 
-def _check_epsilon(audit: LedgerAudit, entries: list[dict[str, Any] | None], rtol: float) -> None:
+def _check_epsilon(audit: LedgerAudit, rtol: float) -> None:
     """Recompute every reservation's cumulative epsilon from all reservations up to it."""
     history: list[tuple[float, float, int]] = []
     ledger_delta: float | None = None
-    for status, entry in zip(audit.entries, entries, strict=True):
-        if entry is None or status.kind != "reserve" or len(status.parameters) < 7:
-            continue
+    for status in audit.entries:
         p = status.parameters
-        if not (_number(p["noise_multiplier"]) and _number(p["sample_rate"]) and _number(p["steps"])):
+        if not p:
             continue
+        fail = functools.partial(audit.error, status.line, status.seq)
         if not (p["noise_multiplier"] > 0 and 0 < p["sample_rate"] <= 1 and p["steps"] >= 1):
-            audit.error(status.line, status.seq, "epsilon", f"invalid mechanism parameters {p}")
+            fail("epsilon", f"invalid mechanism parameters {p}")
+            continue
+        if not 0 < p["delta"] < 1:
+            fail("epsilon", f"delta {p['delta']!r} is not in (0, 1)")
             continue
         history.append((float(p["noise_multiplier"]), float(p["sample_rate"]), int(p["steps"])))
-        delta = p["delta"]
-        if not (_number(delta) and 0 < delta < 1):
-            audit.error(status.line, status.seq, "epsilon", f"delta {delta!r} is not in (0, 1)")
-            continue
         if ledger_delta is None:
-            ledger_delta = float(delta)
-        elif delta != ledger_delta:
-            audit.error(
-                status.line, status.seq, "epsilon", f"delta {delta:g} differs from the ledger's {ledger_delta:g}"
-            )
+            ledger_delta = float(p["delta"])
+        elif p["delta"] != ledger_delta:
+            fail("epsilon", f"delta {p['delta']:g} differs from the ledger's {ledger_delta:g}")
         eps, eps_rdp = recompute_epsilon(tuple(history), ledger_delta)
-        status.epsilon, status.epsilon_rdp = entry.get("epsilon"), entry.get("epsilon_rdp")
         status.epsilon_recomputed, status.epsilon_rdp_recomputed = eps, eps_rdp
-        for name, recorded, fresh in (("epsilon", status.epsilon, eps), ("epsilon_rdp", status.epsilon_rdp, eps_rdp)):
-            if not _number(recorded):
-                continue
+        for name, fresh in (("epsilon", eps), ("epsilon_rdp", eps_rdp)):
+            recorded = p[name]
             if recorded < fresh * (1 - rtol):
-                audit.error(
-                    status.line,
-                    status.seq,
+                fail(
                     "epsilon",
-                    f"recorded cumulative {name} {recorded:.4f} is LOWER than the {fresh:.4f} its "
-                    f"parameters imply (relative tolerance {rtol:g}): privacy spend under-reported",
+                    f"recorded cumulative {name} {recorded:.4f} is LOWER than the {fresh:.4f} its parameters "
+                    f"imply (relative tolerance {rtol:g}): privacy spend under-reported",
                 )
             elif recorded > fresh * (1 + rtol):
-                audit.warn(
-                    status.line,
-                    status.seq,
-                    "epsilon",
-                    f"recorded {name} {recorded:.4f} exceeds the recomputed {fresh:.4f} (conservative)",
-                )
-        budget = p["max_epsilon"]
-        recorded_used = status.epsilon_rdp if p.get("accountant") == "rdp" else status.epsilon
-        fresh_used = eps_rdp if p.get("accountant") == "rdp" else eps
-        if _number(budget) and _number(recorded_used) and recorded_used > budget:
-            audit.error(status.line, status.seq, "budget", f"epsilon {recorded_used:.4f} > max_epsilon {budget:g}")
-        elif _number(budget) and fresh_used > budget * (1 + rtol):
-            audit.error(
-                status.line, status.seq, "budget", f"recomputed epsilon {fresh_used:.4f} > max_epsilon {budget:g}"
-            )
+                message = f"recorded {name} {recorded:.4f} exceeds the recomputed {fresh:.4f} (conservative)"
+                audit.warn(status.line, status.seq, "epsilon", message)
+        rdp = p["accountant"] == "rdp"
+        recorded, fresh = (p["epsilon_rdp"], eps_rdp) if rdp else (p["epsilon"], eps)
+        if recorded > p["max_epsilon"] or fresh > p["max_epsilon"] * (1 + rtol):
+            fail("budget", f"epsilon {max(recorded, fresh):.4f} exceeds max_epsilon {p['max_epsilon']:g}")
+
+
+def _load_receipts(path: Path, findings: list[Finding]) -> list[tuple[int, dict[str, Any]]]:
+    """``(line, receipt)`` pairs of a receipts file; problems go to ``findings``."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        findings.append(Finding(str(path), None, None, "receipt", f"cannot read the receipts file ({exc})"))
+        return []
+    receipts = []
+    for lineno, text in enumerate(lines, start=1):
+        try:
+            receipt = json.loads(text)
+        except ValueError as exc:
+            receipt = f"invalid JSON ({exc})"
+        ok = isinstance(receipt, dict)
+        missing = [k for k in RECEIPT_FIELDS if k not in receipt] if ok else [f"a JSON object, got {receipt}"]
+        if missing:
+            findings.append(Finding(str(path), lineno, None, "receipt", f"receipt lacks {missing}"))
+        else:
+            receipts.append((lineno, receipt))
+    return receipts
+
+
+def _check_receipts(audits: list[LedgerAudit], receipts_file: Path, findings: list[Finding]) -> None:
+    """Every receipt of a site must match that site's ledger entry (seq, hash, round, update)."""
+    by_site = {a.site: a for a in audits}
+    receipted: dict[str, set[tuple[str, object]]] = {a.site: set() for a in audits}
+    for rline, r in _load_receipts(receipts_file, findings):
+        audit = by_site.get(str(r["site"]))
+        if audit is None:
+            message = f"receipt for site {r['site']!r}, whose ledger was not given"
+            findings.append(Finding(str(receipts_file), rline, None, "receipt", message, "warning"))
+            continue
+        audit.receipts_checked += 1
+        receipted[audit.site].add((str(r["run_id"]), r["seq"]))
+        source = f"receipt {receipts_file.name}:{rline} (run {r['run_id']}, round {r['round']})"
+        matches = [s for s in audit.entries if s.seq == r["seq"]]
+        if not matches:
+            message = f"{source} names entry seq {r['seq']}, which the ledger lacks: truncated or rewritten"
+            audit.error(None, r["seq"], "receipt", message)
+            continue
+        s = matches[0]
+        if s.hash != r["hash"]:
+            audit.error(s.line, s.seq, "receipt", f"hash differs from {source}: the entry was rewritten")
+        if "signature" in r and r["signature"] != s.signature:
+            audit.error(s.line, s.seq, "receipt", f"signature differs from {source}: the entry was re-signed")
+        mine = (s.kind, s.run_id, s.round, s.update_sha256)
+        if mine != ("commit", r["run_id"], r["round"], r["update_sha256"]):
+            message = f"(kind, run_id, round, update_sha256) = {mine} disagree with {source}"
+            audit.error(s.line, s.seq, "receipt", message)
+    for audit in audits:
+        runs = {run for run, _ in receipted[audit.site]}
+        for s in audit.entries:
+            if s.kind == "commit" and s.run_id in runs and (s.run_id, s.seq) not in receipted[audit.site]:
+                message = "commit has no receipt: the coordinator did not accept (or did not record) it"
+                audit.warn(s.line, s.seq, "receipt", message)
+
+
+def verify_ledgers(
+    paths: Iterable[Path],
+    *,
+    pubkeys: Mapping[str, Path] | Path | None = None,
+    receipts: Path | None = None,
+    rtol: float = EPSILON_RTOL,
+) -> AuditResult:
+    """Verify site ledgers offline; see ``docs/ledger.md`` for every check.
+
+    Parameters
+    ----------
+    paths
+        Ledger files; a ledger's site name is its file name without ``.jsonl``.
+    pubkeys
+        One public key file for all ledgers, or site name -> public key file. When given,
+        every entry of a covered ledger must carry a valid signature; a site missing from
+        the mapping is a failure.
+    receipts
+        The coordinator's ``receipts.jsonl`` or the run folder holding it.
+    rtol
+        Relative tolerance of the epsilon recomputation.
+
+    Returns
+    -------
+    AuditResult
+        Per-ledger, per-entry findings; ``ok`` is True only if every check held.
+
+    Raises
+    ------
+    FedtuneError
+        A public key file is missing or is not an Ed25519 public key.
+    """
+    audits: list[LedgerAudit] = []
+    verifiers: dict[Path, Verifier] = {}
+    for path in map(Path, paths):
+        audit = LedgerAudit(str(path), path.name.removesuffix(".jsonl"))
+        audits.append(audit)
+        key = pubkeys.get(audit.site) if isinstance(pubkeys, Mapping) else pubkeys
+        if pubkeys is not None and key is None:
+            message = f"no public key given for site {audit.site!r} (--pubkey {audit.site}=FILE)"
+            audit.error(None, None, "signature", message)
+        if key is not None:
+            key = Path(key)
+            verifiers.setdefault(key, load_verifier(key))
+            audit.key_fingerprint = public_key_fingerprint(key)
+        if not path.is_file():
+            audit.error(None, None, "format", "ledger file not found")
+            continue
+        _check_chain(audit, verifiers[key] if key is not None else None)
+        _check_epsilon(audit, rtol)
+    result = AuditResult(audits)
+    if receipts is not None:
+        receipts_file = Path(receipts) / RECEIPTS_NAME if Path(receipts).is_dir() else Path(receipts)
+        result.receipts_path = str(receipts_file)
+        _check_receipts(audits, receipts_file, result.receipt_findings)
+    return result

@@ -67,8 +67,9 @@ def run_federation(
     run_id = uuid.uuid4().hex[:12]
     fingerprint = model_fingerprint(check_model_dir(cfg.model_dir, "model-dir"))
     arrays, base_bytes = initial_adapter(cfg)
+    update_keys = cfg.lora.update_keys(arrays)
     strategy = SiteFedAvg(
-        template=spec_of(arrays),
+        template={k: v for k, v in spec_of(arrays).items() if k in update_keys},
         fraction_train=cfg.fraction_train,
         fraction_evaluate=1.0,
         min_train_nodes=cfg.min_train_sites,
@@ -86,8 +87,8 @@ def run_federation(
         down = payload_bytes(arrays) * len(messages)
         replies = list(grid.send_and_receive(messages, timeout=cfg.round_timeout))
         new_arrays, _ = strategy.aggregate_train(rnd, replies)
-        if new_arrays is not None:
-            arrays = new_arrays
+        if new_arrays is not None:  # under FFA-LoRA only B is averaged; A stays the shared init
+            arrays = ArrayRecord({**arrays, **new_arrays})
         eval_msgs = list(strategy.configure_evaluate(rnd, arrays, ConfigRecord(req.to_record()), grid))
         down += payload_bytes(arrays) * len(eval_msgs)
         strategy.aggregate_evaluate(rnd, grid.send_and_receive(eval_msgs, timeout=cfg.round_timeout))
