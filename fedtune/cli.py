@@ -76,7 +76,7 @@ def print_summary(summary: dict[str, Any], out: Path) -> None:
         table.add_row(
             name,
             str(s.get("rounds_trained", 0)),
-            f"{s.get('epsilon', 0.0):.3f}",
+            f"{s['epsilon']:.3f}" if "epsilon" in s else "NO DP",
             f"{s.get('max_epsilon', 0.0):g}",
             f"{before:.4f}" if before is not None else "-",
             f"{after:.4f}" if after is not None else "-",
@@ -102,6 +102,8 @@ def simulate(
     max_epsilon: Annotated[float, typer.Option(help="Each site's privacy budget.")] = 8.0,
     delta: Annotated[float, typer.Option(help="Each site's delta.")] = 1e-5,
     run_config: Annotated[list[str] | None, typer.Option(help="Extra run config, key=value.")] = None,
+    local_only: Annotated[bool, typer.Option(help="Baseline: every site trains alone.")] = False,
+    no_dp: Annotated[bool, typer.Option(help="Baseline: train without DP (synthetic data only).")] = False,
 ) -> None:
     """Run N sites x R rounds on Flower's Simulation Engine and summarize."""
     from fedtune.simulate import simulate as run
@@ -120,6 +122,12 @@ def simulate(
         )
 
     console.print(f"simulating {sites} sites x {rounds} rounds into {out} ...")
+    extra = _parse_run_config(run_config or [])
+    if no_dp:
+        extra["dp"] = False
+        console.print(
+            "[bold red]--no-dp: sites train WITHOUT differential privacy (baseline only)[/bold red]"
+        )
     summary = run(
         out,
         sites=sites,
@@ -128,8 +136,9 @@ def simulate(
         data=data,
         max_epsilon=max_epsilon,
         delta=delta,
-        run_config=_parse_run_config(run_config or []),
+        run_config=extra,
         on_round=on_round,
+        local_only=local_only,
     )
     print_summary(summary, out)
 

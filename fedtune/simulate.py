@@ -60,7 +60,14 @@ def site_files(data: Path, sites: int) -> list[Path]:
 
 
 def prepare_run(
-    out: Path, *, sites: int, model: Path, data: Path, max_epsilon: float, delta: float
+    out: Path,
+    *,
+    sites: int,
+    model: Path,
+    data: Path,
+    max_epsilon: float,
+    delta: float,
+    non_private: bool = False,
 ) -> list[Path]:
     """Write one policy and signing key per site under ``out/sites/<name>/``; return the policies.
 
@@ -83,6 +90,7 @@ def prepare_run(
             max_epsilon=max_epsilon,
             delta=delta,
             signing_key=private,
+            allow_non_private=non_private,
         )
         policy = site_dir / "policy.toml"
         policy.write_text(text, encoding="utf-8")
@@ -118,8 +126,14 @@ def simulate(
     run_config: Mapping[str, Any] | None = None,
     on_round: RoundCallback | None = None,
     quiet: bool = True,
+    local_only: bool = False,
 ) -> dict[str, Any]:
-    """Run a simulated federation into ``out``; return the coordinator's summary."""
+    """Run a simulated federation into ``out``; return the coordinator's summary.
+
+    ``local_only`` runs the baseline where every site trains alone (same budget, rounds and
+    code); ``run_config={"dp": False}`` the non-private baseline (the simulated sites' policies
+    then allow it; a real site's policy refuses it unless its privacy office opts in).
+    """
     set_offline_env()
     model = check_model_dir(model, "--model") if model is not None else default_model()
     data = data if data is not None else default_data(sites)
@@ -127,7 +141,16 @@ def simulate(
     if out.exists() and any(out.iterdir()):
         raise ConfigError(str(out), ["the run folder is not empty: choose a new --out"])
     out.mkdir(parents=True, exist_ok=True)
-    policies = prepare_run(out, sites=sites, model=model, data=data, max_epsilon=max_epsilon, delta=delta)
+    non_private = not bool((run_config or {}).get("dp", True))
+    policies = prepare_run(
+        out,
+        sites=sites,
+        model=model,
+        data=data,
+        max_epsilon=max_epsilon,
+        delta=delta,
+        non_private=non_private,
+    )
     overrides: dict[str, Any] = {
         "min-train-sites": min(2, sites),
         **dict(run_config or {}),
@@ -136,6 +159,12 @@ def simulate(
         "out-dir": str(out),
         "sim-policies": ",".join(str(p) for p in policies),
     }
+    if local_only:
+        from fedtune.local import run_local
+
+        summary_local = run_local(policies, overrides)
+        collect_ledgers(out, policies)
+        return summary_local
     from flwr.simulation import run_simulation
 
     from client.client_app import build_app as build_client

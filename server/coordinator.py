@@ -139,7 +139,7 @@ def _append_receipts(path: Path, replies: list[SiteReply]) -> None:
     """Keep every accepted site's signed ledger receipt (the auditor's cross-check)."""
     with open(path, "a", encoding="utf-8") as fh:
         for r in replies:
-            if r.status == "trained" and r.receipt:
+            if r.status == "trained" and "hash" in r.receipt:  # non-private rounds have no ledger entry
                 fh.write(json.dumps({"site": r.site, **r.receipt}, sort_keys=True) + "\n")
         fh.flush()
         os.fsync(fh.fileno())
