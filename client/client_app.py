@@ -47,7 +47,7 @@ def handle_train(msg: Message, context: Context, overrides: Mapping[str, Any]) -
         return _error(msg, exc)
     content = RecordDict(
         {
-            "metrics": MetricRecord({"num-examples": out.num_examples, **out.metrics}),
+            "metrics": MetricRecord({"num-examples": out.num_examples, "site-weight": 1.0, **out.metrics}),
             "site": ConfigRecord(
                 {"name": out.site, "status": "trained" if out.trained else "refused", "reason": out.reason}
             ),

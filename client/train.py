@@ -4,6 +4,11 @@ Opacus pieces used directly (no ``PrivacyEngine``) because the site's persistent
 ledger is the accountant (``privacy.ledger``) and both randomness sources -- Poisson
 sampling and Gaussian noise -- must come from generators seeded from the OS, never
 from torch's default generator (whose seed is a fixed constant in a fresh process).
+
+Per-sample gradients are computed in Opacus's ``hooks`` mode by default: only modules
+that own trainable parameters -- the LoRA ``lora_A`` / ``lora_B`` linears -- get hooks,
+and their per-sample gradients are one small batched matmul each. Measured against
+``functorch`` and ``ghost`` clipping in ``docs/performance.md`` (``bench/dp_overhead.py``).
 """
 
 from __future__ import annotations
@@ -12,14 +17,28 @@ import logging
 import secrets
 import warnings
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import torch
 from opacus import GradSampleModule
 from opacus.data_loader import DPDataLoader
-from opacus.optimizers import DPOptimizer
+from opacus.grad_sample import GradSampleModuleFastGradientClipping
+from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
+from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
 from torch.utils.data import TensorDataset
 
 log = logging.getLogger(__name__)
+
+DPMode = Literal["hooks", "functorch", "ghost"]
+"""How per-sample gradients are clipped: Opacus hooks, functorch (vmap) or ghost clipping."""
+
+DP_MODES: tuple[str, ...] = get_args(DPMode)
+DEFAULT_MODE: DPMode = "hooks"
+
+# Opacus's full backward hooks on a LoRA layer whose input needs no gradient (the first
+# adapted layer: embeddings are frozen) make torch warn on every step although the
+# per-sample gradients are correct.
+_HOOK_WARNING = r"Full backward hook is firing when gradients are computed with respect to module outputs"
 
 
 @dataclass(frozen=True)
@@ -55,20 +74,49 @@ def make_generator(seed: int | None) -> torch.Generator:
     return gen
 
 
+def _shifted_logits(
+    model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Next-token logits, targets and a 0/1 validity mask, trimmed to the batch's longest record."""
+    width = int(mask.sum(dim=1).max().item())
+    ids, mask = ids[:, :width], mask[:, :width]
+    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1, :]
+    return logits, ids[:, 1:], mask[:, 1:].to(logits.dtype)
+
+
+def _sequence_mean_loss(logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Mean token cross-entropy of each sequence over its valid positions (shape ``[batch]``)."""
+    tok = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.size(-1)), target.reshape(-1), reduction="none"
+    ).view_as(valid)
+    return (tok * valid).sum(dim=1) / valid.sum(dim=1).clamp(min=1.0)
+
+
 def per_sample_loss(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean next-token loss of each sequence over its own tokens (shape ``[batch]``).
 
     Each record's loss depends on that record alone, which per-sample clipping needs.
     """
-    width = int(mask.sum(dim=1).max().item())
-    ids, mask = ids[:, :width], mask[:, :width]
-    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1, :]
-    target = ids[:, 1:]
-    valid = mask[:, 1:].to(logits.dtype)
-    tok = torch.nn.functional.cross_entropy(
-        logits.reshape(-1, logits.size(-1)), target.reshape(-1), reduction="none"
-    ).view_as(valid)
-    return (tok * valid).sum(dim=1) / valid.sum(dim=1).clamp(min=1.0)
+    return _sequence_mean_loss(*_shifted_logits(model, ids, mask))
+
+
+class SequenceLoss(torch.nn.Module):
+    """``per_sample_loss`` as a criterion on ``(logits, target, valid)`` for Opacus ghost clipping.
+
+    Opacus's ``DPLossFastGradientClipping`` switches ``reduction`` to ``"none"`` to get
+    one loss per record (here: per sequence), then reduces it itself.
+    """
+
+    def __init__(self, reduction: str = "mean") -> None:
+        super().__init__()
+        self.reduction = reduction
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """Per-sequence losses (``reduction="none"``) or their mean / sum."""
+        loss = _sequence_mean_loss(logits, target, valid)
+        if self.reduction == "none":
+            return loss
+        return loss.sum() if self.reduction == "sum" else loss.mean()
 
 
 @torch.no_grad()
@@ -86,6 +134,114 @@ def evaluate_loss(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor,
     return total / max(count, 1.0)
 
 
+class DPStepper:
+    """One DP-SGD update per call on a given batch: per-sample clip, Gaussian noise, AdamW.
+
+    Wraps ``model`` with the Opacus module of ``mode`` until :meth:`close`; the model's
+    ``requires_grad`` parameters (the LoRA weights) are the only ones trained.
+
+    Parameters
+    ----------
+    model
+        The LoRA model, in training mode.
+    plan
+        Noise multiplier, clip norm and expected (Poisson) batch size.
+    learning_rate
+        AdamW learning rate (no weight decay).
+    noise_generator
+        Source of the Gaussian noise; from :func:`make_generator`.
+    mode
+        ``"hooks"`` (default, fastest for LoRA here), ``"functorch"`` or ``"ghost"``.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        plan: DPPlan,
+        *,
+        learning_rate: float,
+        noise_generator: torch.Generator,
+        mode: DPMode = DEFAULT_MODE,
+    ) -> None:
+        if mode not in DP_MODES:
+            raise ValueError(f"unknown DP mode {mode!r}: use one of {', '.join(DP_MODES)}")
+        self.mode: DPMode = mode
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        base_opt = torch.optim.AdamW(self.params, lr=learning_rate, weight_decay=0.0)
+        self._criterion: DPLossFastGradientClipping | None = None
+        self.module: GradSampleModule | GradSampleModuleFastGradientClipping
+        self.optimizer: DPOptimizer
+        if mode == "ghost":
+            self.module = GradSampleModuleFastGradientClipping(
+                model,
+                batch_first=True,
+                loss_reduction="mean",
+                max_grad_norm=plan.max_grad_norm,
+                use_ghost_clipping=True,
+            )
+            ghost_opt = DPOptimizerFastGradientClipping(
+                base_opt,
+                noise_multiplier=plan.noise_multiplier,
+                max_grad_norm=plan.max_grad_norm,
+                expected_batch_size=plan.expected_batch_size,
+                loss_reduction="mean",
+                generator=noise_generator,
+            )
+            self._criterion = DPLossFastGradientClipping(self.module, ghost_opt, SequenceLoss(), "mean")
+            self.optimizer = ghost_opt
+        else:
+            # The backward pass runs on the SUM of per-record losses, so the hooks see each record's
+            # own gradient and skip Opacus's rescaling of every hooked layer's output gradient by the
+            # batch size ("mean"); the optimizer still divides the noisy clipped sum by the expected
+            # batch size ("mean"), so the update is that of the mean loss.
+            self.module = GradSampleModule(
+                model, batch_first=True, loss_reduction="sum", force_functorch=mode == "functorch"
+            )
+            self.optimizer = DPOptimizer(
+                base_opt,
+                noise_multiplier=plan.noise_multiplier,
+                max_grad_norm=plan.max_grad_norm,
+                expected_batch_size=plan.expected_batch_size,
+                loss_reduction="mean",
+                generator=noise_generator,
+            )
+
+    def backward(self, ids: torch.Tensor, mask: torch.Tensor) -> float:
+        """Forward and backward of one non-empty batch, leaving clipped material for :meth:`update`.
+
+        Returns the batch's mean per-record loss.
+        """
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=_HOOK_WARNING, category=UserWarning)
+            if self._criterion is not None:
+                ghost_loss = self._criterion(*_shifted_logits(self.module, ids, mask))
+                ghost_loss.backward()  # two passes: per-record norms, then the clipped sum
+                return float(ghost_loss.detach())
+            losses = per_sample_loss(self.module, ids, mask)
+            losses.sum().backward()
+            return float(losses.detach().mean())
+
+    def update(self) -> None:
+        """Clip (hooks / functorch), add noise, take the AdamW step, clear gradients."""
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def step(self, ids: torch.Tensor, mask: torch.Tensor) -> float:
+        """One full DP-SGD step on a non-empty batch; returns its mean per-record loss."""
+        loss = self.backward(ids, mask)
+        self.update()
+        return loss
+
+    def close(self) -> None:
+        """Remove Opacus's hooks and per-sample state so the model can be reused (idempotent)."""
+        if hasattr(self.module, "autograd_grad_sample_hooks"):
+            self.module._close()
+        for p in self.params:
+            p.grad = None
+            if hasattr(p, "grad_sample"):
+                p.grad_sample = None
+
+
 def train_dp(
     model: torch.nn.Module,
     ids: torch.Tensor,
@@ -94,54 +250,55 @@ def train_dp(
     *,
     learning_rate: float,
     seed: int | None = None,
+    mode: DPMode = DEFAULT_MODE,
 ) -> TrainStats:
     """Run ``plan.steps`` DP-SGD steps (Poisson sampling, per-sample clipping, Gaussian noise).
 
     Only parameters with ``requires_grad`` (the LoRA weights) are trained. Every sampled
     step counts in the plan -- including the rare empty Poisson batch, which is skipped
     without touching the model -- so the ledger's ``steps`` is exact.
+
+    Parameters
+    ----------
+    model
+        LoRA model; put in training mode here.
+    ids, mask
+        Token ids and attention mask of the site's training records, ``[n, seq_len]``.
+    plan
+        The round's DP mechanism.
+    learning_rate
+        AdamW learning rate.
+    seed
+        ``None`` (production): sampling and noise from OS entropy. An integer makes the run
+        reproducible and is logged as NOT PRIVATE.
+    mode
+        Opacus per-sample gradient mode; see :class:`DPStepper`.
+
+    Returns
+    -------
+    TrainStats
+        Steps taken (empty batches included) and the loss trajectory.
     """
     model.train()
     sample_gen = make_generator(seed)
     noise_gen = make_generator(None if seed is None else seed + 1)
-    params = [p for p in model.parameters() if p.requires_grad]
-    gsm = GradSampleModule(model, batch_first=True, loss_reduction="mean")
-    optimizer = DPOptimizer(
-        torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0),
-        noise_multiplier=plan.noise_multiplier,
-        max_grad_norm=plan.max_grad_norm,
-        expected_batch_size=plan.expected_batch_size,
-        loss_reduction="mean",
-        generator=noise_gen,
-    )
+    stepper = DPStepper(model, plan, learning_rate=learning_rate, noise_generator=noise_gen, mode=mode)
     loader = DPDataLoader(TensorDataset(ids, mask), sample_rate=plan.sample_rate, generator=sample_gen)
     losses: list[float] = []
     empty = 0
     done = 0
-    with warnings.catch_warnings():
-        # Opacus's per-layer backward hooks fire on frozen layers whose inputs need no gradient;
-        # torch warns about that on every step although the per-sample gradients are correct.
-        warnings.filterwarnings("ignore", message=r"Full backward hook is firing", category=UserWarning)
-        try:
-            while done < plan.steps:
-                for b_ids, b_mask in loader:
-                    if done >= plan.steps:
-                        break
-                    done += 1
-                    if b_ids.size(0) == 0:
-                        empty += 1
-                        continue
-                    loss = per_sample_loss(gsm, b_ids, b_mask).mean()
-                    loss.backward()
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    losses.append(float(loss.detach()))
-        finally:
-            gsm._close()  # remove Opacus hooks so the cached model can be reused next round
-            for p in params:
-                p.grad = None
-                if hasattr(p, "grad_sample"):
-                    p.grad_sample = None
+    try:
+        while done < plan.steps:
+            for b_ids, b_mask in loader:
+                if done >= plan.steps:
+                    break
+                done += 1
+                if b_ids.size(0) == 0:
+                    empty += 1
+                    continue
+                losses.append(stepper.step(b_ids, b_mask))
+    finally:
+        stepper.close()
     if not losses:
         losses = [float("nan")]
     return TrainStats(

@@ -138,6 +138,9 @@ RUN_KEYS: tuple[Key, ...] = (
     Key("lora-alpha", int, 16, "an integer > 0", _pos),
     Key("lora-targets", str, "q_proj,v_proj", "a comma-separated module list", lambda x: bool(x)),
     Key("ffa-lora", bool, False, "true (train and send LoRA B only, A frozen) or false"),
+    Key("site-dp-noise", float, 0.0, "a number >= 0 (0 = no site-level DP at the coordinator)", _nonneg),
+    Key("site-dp-clip", float, 1.0, "a number > 0: L2 bound on each site's update", _pos),
+    Key("site-dp-delta", float, 1e-3, "a number in (0, 1): ~1/number-of-sites or smaller", _unit),
     Key("dp", bool, True, "true, or false for a non-private baseline (sites must allow it)"),
     Key("model-dir", str, "", "a local folder holding the base model"),
     Key("out-dir", str, "runs/latest", "a writable folder for run outputs", lambda x: bool(x)),
@@ -184,6 +187,9 @@ class RunConfig:
     lora_alpha: int
     lora_targets: str
     ffa_lora: bool
+    site_dp_noise: float
+    site_dp_clip: float
+    site_dp_delta: float
     dp: bool
     model_dir: str
     out_dir: str

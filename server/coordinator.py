@@ -22,6 +22,7 @@ from flwr.serverapp import Grid
 
 from common.arrays import payload_bytes, spec_of, to_record
 from common.config import RunConfig, TrainRequest
+from common.errors import ConfigError
 from common.modeling import (
     adapter_state,
     check_model_dir,
@@ -30,7 +31,7 @@ from common.modeling import (
     model_fingerprint,
 )
 from server.export import write_adapter, write_summary
-from server.strategy import SiteFedAvg, SiteReply
+from server.strategy import SiteLevelDP, SiteReply, build_strategy, triage_evaluate, triage_train
 
 log = logging.getLogger(__name__)
 RoundCallback = Callable[[dict[str, Any]], None]
@@ -68,13 +69,13 @@ def run_federation(
     fingerprint = model_fingerprint(check_model_dir(cfg.model_dir, "model-dir"))
     arrays, base_bytes = initial_adapter(cfg)
     update_keys = cfg.lora.update_keys(arrays)
-    strategy = SiteFedAvg(
-        template={k: v for k, v in spec_of(arrays).items() if k in update_keys},
+    template = {k: v for k, v in spec_of(arrays).items() if k in update_keys}
+    site_dp = _site_dp(cfg)
+    strategy, dp_wrapper = build_strategy(
+        min_sites=cfg.min_train_sites,
         fraction_train=cfg.fraction_train,
-        fraction_evaluate=1.0,
-        min_train_nodes=cfg.min_train_sites,
-        min_evaluate_nodes=cfg.min_train_sites,
-        min_available_nodes=cfg.min_train_sites,
+        sites_expected=max(cfg.min_train_sites, len(list(grid.get_node_ids()))),
+        site_dp=site_dp,
     )
     sites: dict[str, dict[str, Any]] = {}
     totals = {"bytes_down": 0, "bytes_up": 0}
@@ -86,20 +87,22 @@ def run_federation(
         messages = list(strategy.configure_train(rnd, arrays, ConfigRecord(req.to_record()), grid))
         down = payload_bytes(arrays) * len(messages)
         replies = list(grid.send_and_receive(messages, timeout=cfg.round_timeout))
-        new_arrays, _ = strategy.aggregate_train(rnd, replies)
+        accepted, train_infos = triage_train(rnd, replies, template)
+        new_arrays, _ = strategy.aggregate_train(rnd, accepted)
         if new_arrays is not None:  # under FFA-LoRA only B is averaged; A stays the shared init
             arrays = ArrayRecord({**arrays, **new_arrays})
         eval_msgs = list(strategy.configure_evaluate(rnd, arrays, ConfigRecord(req.to_record()), grid))
         down += payload_bytes(arrays) * len(eval_msgs)
-        strategy.aggregate_evaluate(rnd, grid.send_and_receive(eval_msgs, timeout=cfg.round_timeout))
-        up = sum(r.bytes_up for r in strategy.last_train)
+        ok, eval_infos = triage_evaluate(rnd, grid.send_and_receive(eval_msgs, timeout=cfg.round_timeout))
+        strategy.aggregate_evaluate(rnd, ok)
+        up = sum(r.bytes_up for r in train_infos)
         totals["bytes_down"] += down
         totals["bytes_up"] += up
-        rows = _site_rows(strategy.last_train, strategy.last_evaluate)
-        for r in strategy.last_train:
+        rows = _site_rows(train_infos, eval_infos)
+        for r in train_infos:
             _merge_site(sites, r, rnd)
-        _append_receipts(out / "receipts.jsonl", strategy.last_train)
-        for r in strategy.last_evaluate:
+        _append_receipts(out / "receipts.jsonl", train_infos)
+        for r in eval_infos:
             if "eval-loss" in r.metrics:
                 sites.setdefault(r.site, {})["eval_loss_after"] = r.metrics["eval-loss"]
         line = {
@@ -129,10 +132,41 @@ def run_federation(
         "adapter_bytes": payload_bytes(arrays),
         **totals,
         "sites": dict(sorted(sites.items())),
+        "site_level_dp": _site_dp_summary(site_dp, dp_wrapper),
         "wall_seconds": round(time.time() - t0, 1),
     }
     write_summary(out / "summary.json", summary)
     return summary
+
+
+def _site_dp(cfg: RunConfig) -> SiteLevelDP | None:
+    """The site-level DP settings of a run (None when off)."""
+    if cfg.site_dp_noise <= 0:
+        return None
+    if cfg.ffa_lora:
+        raise ConfigError(
+            "run config",
+            [
+                "'site-dp-noise' > 0 cannot be combined with 'ffa-lora' = true yet: Flower's clipping "
+                "wrapper clips whole adapters; set one of them off"
+            ],
+        )
+    return SiteLevelDP(cfg.site_dp_noise, cfg.site_dp_clip, cfg.site_dp_delta)
+
+
+def _site_dp_summary(site_dp: SiteLevelDP | None, wrapper: Any) -> dict[str, Any] | None:
+    """Site-level epsilon, reported apart from the sites' record-level epsilons."""
+    if site_dp is None:
+        return None
+    spent = wrapper.privacy_spent()
+    return {
+        "noise_multiplier": site_dp.noise_multiplier,
+        "clipping_norm": site_dp.clipping_norm,
+        "epsilon": spent.epsilon if spent else 0.0,
+        "delta": site_dp.delta,
+        "releases": spent.num_releases if spent else 0,
+        "accountant": "flwr RdpAccountant (no amplification, add/remove one site)",
+    }
 
 
 def _append_receipts(path: Path, replies: list[SiteReply]) -> None:

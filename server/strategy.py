@@ -1,8 +1,10 @@
-"""FedAvg that knows sites: it sorts replies into trained, refused, failed and rejected.
+"""Reply triage in front of Flower's strategies, and the strategy a run uses.
 
-Only well-formed updates (exact adapter keys, shapes, dtypes, finite values) reach
-Flower's weighted averaging; everything else is logged with the site and the reason
-and the round goes on without it.
+Replies are sorted into trained, refused, failed and rejected. Only well-formed updates
+(exact adapter keys, shapes, dtypes, finite values, matching the site's ledger receipt)
+reach the Flower strategy; everything else is logged with the site and the reason and
+the round goes on without it. Triage runs before any wrapper (e.g. site-level DP
+clipping), so a receipt is checked against the bytes the site actually sent.
 """
 
 from __future__ import annotations
@@ -12,8 +14,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from flwr.app import ArrayRecord, Message, MetricRecord
-from flwr.serverapp.strategy import FedAvg
+from flwr.app import ArrayRecord, Message
+from flwr.serverapp import PrivacyConfig, RdpAccountant
+from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, FedAvg, Strategy
+from flwr.supercore.privacy_accounting import NeighboringRelation, SamplingMethod
 
 from common.arrays import ArraySpec, check_update, payload_bytes, update_sha256
 
@@ -59,59 +63,92 @@ def describe(msg: Message) -> SiteReply:
     return SiteReply(node, name, status, reason, metrics, scrub, up, receipt)
 
 
-class SiteFedAvg(FedAvg):
-    """Flower's FedAvg with per-site reply triage in front of aggregation."""
-
-    def __init__(self, template: dict[str, ArraySpec], **kwargs: object) -> None:
-        super().__init__(**kwargs)  # type: ignore[arg-type]
-        self.template = template
-        self.last_train: list[SiteReply] = []
-        self.last_evaluate: list[SiteReply] = []
-
-    def aggregate_train(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Triage replies, then FedAvg the accepted updates."""
-        accepted: list[Message] = []
-        self.last_train = []
-        for msg in replies:
-            info = describe(msg)
-            if info.status == "trained":
-                problems = self._check(msg.content.array_records.get("arrays"), info)
-                if problems:
-                    info.status, info.reason = "rejected", "; ".join(problems)
-                else:
-                    accepted.append(msg)
-            elif info.status == "refused":
-                pass
-            elif info.status != "failed":
-                info.status, info.reason = "rejected", f"unknown status '{info.status}'"
-            if info.status != "trained":
-                log.warning("round %d: site %s %s: %s", server_round, info.site, info.status, info.reason)
-            self.last_train.append(info)
-        if not accepted:
-            log.warning("round %d: no site update accepted; the global adapter is unchanged", server_round)
-            return None, None
-        return super().aggregate_train(server_round, accepted)
-
-    def _check(self, arrays: ArrayRecord | None, info: SiteReply) -> list[str]:
-        """Why an update cannot be aggregated (empty list = accept)."""
-        if arrays is None:
-            return ["no 'arrays' record"]
-        problems = check_update(arrays, self.template)
-        if not problems and info.receipt.get("update_sha256") != update_sha256(arrays):
-            problems.append("the update does not match the ledger receipt sent with it")
-        return problems
-
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        """Record per-site held-out losses, then aggregate the successful ones."""
-        ok: list[Message] = []
-        self.last_evaluate = []
-        for msg in replies:
-            info = describe(msg)
-            self.last_evaluate.append(info)
-            if info.status == "failed":
-                log.warning("round %d: site %s evaluation failed: %s", server_round, info.site, info.reason)
+def triage_train(
+    server_round: int, replies: Iterable[Message], template: dict[str, ArraySpec]
+) -> tuple[list[Message], list[SiteReply]]:
+    """Sort training replies; return the acceptable ones and what every site answered."""
+    accepted: list[Message] = []
+    infos: list[SiteReply] = []
+    for msg in replies:
+        info = describe(msg)
+        if info.status == "trained":
+            problems = check_reply(msg.content.array_records.get("arrays"), info, template)
+            if problems:
+                info.status, info.reason = "rejected", "; ".join(problems)
             else:
-                ok.append(msg)
-        return super().aggregate_evaluate(server_round, ok) if ok else None
+                accepted.append(msg)
+        elif info.status not in ("refused", "failed"):
+            info.status, info.reason = "rejected", f"unknown status '{info.status}'"
+        if info.status != "trained":
+            log.warning("round %d: site %s %s: %s", server_round, info.site, info.status, info.reason)
+        infos.append(info)
+    if not accepted:
+        log.warning("round %d: no site update accepted; the global adapter is unchanged", server_round)
+    return accepted, infos
+
+
+def check_reply(arrays: ArrayRecord | None, info: SiteReply, template: dict[str, ArraySpec]) -> list[str]:
+    """Why an update cannot be aggregated (empty list = accept)."""
+    if arrays is None:
+        return ["no 'arrays' record"]
+    problems = check_update(arrays, template)
+    if not problems and info.receipt.get("update_sha256") != update_sha256(arrays):
+        problems.append("the update does not match the ledger receipt sent with it")
+    return problems
+
+
+def triage_evaluate(server_round: int, replies: Iterable[Message]) -> tuple[list[Message], list[SiteReply]]:
+    """Sort evaluation replies; failed sites are logged and left out."""
+    ok: list[Message] = []
+    infos: list[SiteReply] = []
+    for msg in replies:
+        info = describe(msg)
+        infos.append(info)
+        if info.status == "failed":
+            log.warning("round %d: site %s evaluation failed: %s", server_round, info.site, info.reason)
+        else:
+            ok.append(msg)
+    return ok, infos
+
+
+@dataclass(frozen=True)
+class SiteLevelDP:
+    """Site-level DP at the coordinator: each site's update clipped, Gaussian noise on the sum."""
+
+    noise_multiplier: float
+    clipping_norm: float
+    delta: float
+
+
+def build_strategy(
+    *, min_sites: int, fraction_train: float, sites_expected: int, site_dp: SiteLevelDP | None
+) -> tuple[Strategy, DifferentialPrivacyServerSideFixedClipping | None]:
+    """Flower's FedAvg, wrapped in Flower's server-side fixed-clipping DP when asked.
+
+    Site-level DP weights every site equally (``site-weight``, sent as 1 by every site): with
+    num-examples weights one site's influence would depend on its size.
+    """
+    fedavg = FedAvg(
+        fraction_train=fraction_train,
+        fraction_evaluate=1.0,
+        min_train_nodes=min_sites,
+        min_evaluate_nodes=min_sites,
+        min_available_nodes=min_sites,
+        weighted_by_key="num-examples" if site_dp is None else "site-weight",
+    )
+    if site_dp is None:
+        return fedavg, None
+    config = PrivacyConfig(
+        target_delta=site_dp.delta,
+        population_size=sites_expected,
+        neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
+        sampling_method=SamplingMethod.NO_AMPLIFICATION,
+    )
+    wrapper = DifferentialPrivacyServerSideFixedClipping(
+        fedavg,
+        noise_multiplier=site_dp.noise_multiplier,
+        clipping_norm=site_dp.clipping_norm,
+        num_sampled_clients=sites_expected,
+        accountant=RdpAccountant(config),
+    )
+    return wrapper, wrapper

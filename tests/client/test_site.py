@@ -206,3 +206,34 @@ def test_reservation_counts_when_the_site_dies_mid_training(
     )
     assert out.metrics["epsilon"] == pytest.approx(epsilon([step1, step2], delta=1e-5), rel=1e-9)
     assert out.metrics["epsilon"] > epsilon([step2], delta=1e-5)
+
+
+def test_ffa_lora_trains_and_sends_b_only(tmp_path: Path, tiny_model: Path, small_data: Path) -> None:
+    agent = SiteAgent(load_policy(_policy(tmp_path, small_data, tiny_model)))
+    start = _global(tiny_model)
+    out = agent.train_round(start, _request(tiny_model, **{"ffa-lora": True}))  # type: ignore[arg-type]
+    assert out.trained and out.arrays is not None
+    assert out.arrays and all(".lora_B." in k for k in out.arrays)
+    assert len(out.arrays) * 2 == len(start)  # type: ignore[arg-type]
+    state = agent._model.state_dict()
+    for key, arr in start.items():  # type: ignore[attr-defined]
+        if ".lora_A." in key:  # A stays the shared initialisation
+            local = next(v for k, v in state.items() if k.replace(".default", "") == key)
+            assert torch.equal(local, torch.from_numpy(arr.numpy()))
+
+
+def test_non_private_training_needs_the_sites_consent(
+    tmp_path: Path, tiny_model: Path, small_data: Path
+) -> None:
+    policy = _policy(tmp_path, small_data, tiny_model)
+    agent = SiteAgent(load_policy(policy))
+    out = agent.train_round(_global(tiny_model), _request(tiny_model, dp=False))  # type: ignore[arg-type]
+    assert not out.trained and "allow-non-private" in out.reason
+    policy.write_text(
+        render_policy(name="s1", data_path=small_data, model_path=tiny_model, allow_non_private=True),
+        encoding="utf-8",
+    )
+    agent = SiteAgent(load_policy(policy))
+    out = agent.train_round(_global(tiny_model), _request(tiny_model, dp=False))  # type: ignore[arg-type]
+    assert out.trained and "epsilon" not in out.metrics and out.metrics["noise-multiplier"] == 0.0
+    assert [e["kind"] for e in PrivacyLedger(agent.policy.ledger_path).entries()] == ["refuse"]

@@ -116,7 +116,7 @@ def test_budget_too_small_is_refused_and_run_ends_cleanly(
         model=tiny_model,
         data=site_data,
         max_epsilon=budget,
-        run_config={"noise-multiplier": sigma},
+        run_config={"noise-multiplier": sigma, "site-dp-noise": 0.5, "site-dp-clip": 5.0},
     )
     for name, site in summary["sites"].items():
         assert site["rounds_trained"] == 1, name
@@ -130,3 +130,6 @@ def test_budget_too_small_is_refused_and_run_ends_cleanly(
         ]
         assert kinds == ["reserve", "commit", "refuse"]
     assert (tmp_path / "small" / "adapter" / "adapter_config.json").is_file()
+    # site-level DP at the coordinator is accounted apart, and only for rounds it released
+    site_dp = summary["site_level_dp"]
+    assert site_dp["releases"] == 1 and site_dp["epsilon"] > 0 and site_dp["delta"] == 1e-3

@@ -11,7 +11,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, Re
 from flwr.supercore.task_identity import TaskIdentity
 
 from common.arrays import spec_of, to_record, update_sha256
-from server.strategy import SiteFedAvg
+from server.strategy import SiteLevelDP, build_strategy, triage_train
 
 TEMPLATE = {"a.lora_A.weight": torch.zeros(2, 4), "a.lora_B.weight": torch.zeros(4, 2)}
 
@@ -53,8 +53,12 @@ def _trained(
     )
 
 
+def _fedavg() -> object:
+    return build_strategy(min_sites=1, fraction_train=1.0, sites_expected=2, site_dp=None)[0]
+
+
 def test_only_valid_updates_are_averaged() -> None:
-    strat = SiteFedAvg(template=spec_of(to_record(TEMPLATE)))
+    template = spec_of(to_record(TEMPLATE))
     nan_state = {k: torch.full_like(v, float("nan")) for k, v in TEMPLATE.items()}
     wrong_shape = {"a.lora_A.weight": torch.zeros(3, 4), "a.lora_B.weight": torch.zeros(4, 2)}
     extra = {**TEMPLATE, "model.embed_tokens.weight": torch.zeros(8, 4)}
@@ -79,12 +83,13 @@ def test_only_valid_updates_are_averaged() -> None:
         _reply(7, error="data.jsonl:3: not valid JSON"),
         _trained(8, 9.0, receipt_of=to_record(TEMPLATE)),  # update swapped after the site signed
     ]
-    arrays, _ = strat.aggregate_train(1, replies)
+    accepted, infos = triage_train(1, replies, template)
+    arrays, _ = _fedavg().aggregate_train(1, accepted)  # type: ignore[attr-defined]
     assert arrays is not None
     # weighted mean of the two valid updates: (1*10 + 4*30) / 40
     for a in arrays.values():
         np.testing.assert_allclose(a.numpy(), 3.25)
-    status = {r.site: (r.status, r.reason) for r in strat.last_train}
+    status = {r.site: (r.status, r.reason) for r in infos}
     assert status["s1"][0] == status["s2"][0] == "trained"
     assert status["s3"] == (
         "rejected",
@@ -98,6 +103,27 @@ def test_only_valid_updates_are_averaged() -> None:
 
 
 def test_no_valid_update_keeps_global_model() -> None:
-    strat = SiteFedAvg(template=spec_of(to_record(TEMPLATE)))
-    arrays, metrics = strat.aggregate_train(1, [_reply(1, error="crash")])
+    accepted, infos = triage_train(1, [_reply(1, error="crash")], spec_of(to_record(TEMPLATE)))
+    assert accepted == [] and infos[0].status == "failed"
+    arrays, metrics = _fedavg().aggregate_train(1, accepted)  # type: ignore[attr-defined]
     assert arrays is None and metrics is None
+
+
+def test_site_level_dp_clips_each_site_and_accounts_separately() -> None:
+    strategy, wrapper = build_strategy(
+        min_sites=1, fraction_train=1.0, sites_expected=2, site_dp=SiteLevelDP(1.0, 0.5, 1e-3)
+    )
+    assert wrapper is not None
+    wrapper.current_arrays = to_record(TEMPLATE)  # set by configure_train in a real round
+    wrapper._pending_events[1] = None  # no sampling happened in this unit test: aggregate only
+    big = _trained(1, 10.0, n=10)
+    big.content["metrics"]["site-weight"] = 1.0
+    small = _trained(2, 0.01, n=30)
+    small.content["metrics"]["site-weight"] = 1.0
+    torch.manual_seed(0)
+    arrays, _ = strategy.aggregate_train(1, [big, small])
+    assert arrays is not None
+    flat = np.concatenate([a.numpy().ravel() for a in arrays.values()])
+    # each update is clipped to L2 0.5 before averaging, so the huge one cannot dominate
+    # (noise std = 1.0 * 0.5 / 2 per coordinate); unclipped its mean alone would be 5.0
+    assert np.abs(flat).mean() < 1.5
