@@ -12,6 +12,7 @@ from rich.table import Table
 
 from common.errors import FedtuneError
 from fedtune.audit_cli import audit_app, site_app
+from fedtune.deploy_cli import deploy_app
 from fedtune.scrub_cli import scrub
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
@@ -23,6 +24,7 @@ console = Console()
 app.command("scrub")(scrub)
 app.add_typer(audit_app, name="audit", help="Offline verification and evidence for the privacy office.")
 app.add_typer(site_app, name="site", help="Site set-up: ledger signing keys.")
+app.add_typer(deploy_app, name="deploy", help="Provision a real federation: CA, TLS, node and ledger keys.")
 
 
 @model_app.command("tiny")
