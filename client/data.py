@@ -11,7 +11,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,16 +24,20 @@ if TYPE_CHECKING:
 FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".parquet": "parquet"}
 
 
+def _open_error(path: Path, exc: OSError) -> DataError:
+    return DataError(
+        str(path),
+        None,
+        f"cannot open the file ({exc.strerror})",
+        "check the [data] path in the site policy and its permissions",
+    )
+
+
 def _read_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
     try:
         fh = open(path, "rb")  # noqa: SIM115 -- the with-block below owns it; open errors differ
     except OSError as exc:
-        raise DataError(
-            str(path),
-            None,
-            f"cannot open the file ({exc.strerror})",
-            "check the [data] path in the site policy and its permissions",
-        ) from None
+        raise _open_error(path, exc) from None
     with fh:
         for lineno, raw in enumerate(fh, start=1):
             try:
@@ -65,12 +68,7 @@ def _read_csv(path: Path) -> Iterator[tuple[int, Any]]:
     except UnicodeDecodeError:
         raise DataError(str(path), None, "not UTF-8 text", "re-encode the file as UTF-8") from None
     except OSError as exc:
-        raise DataError(
-            str(path),
-            None,
-            f"cannot open the file ({exc.strerror})",
-            "check the [data] path in the site policy and its permissions",
-        ) from None
+        raise _open_error(path, exc) from None
 
 
 def _read_parquet(path: Path) -> Iterator[tuple[int, Any]]:
@@ -152,17 +150,6 @@ def file_sha256(path: Path) -> str:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temp file + rename (never half-written)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def format_example(record: dict[str, Any], fields: Sequence[str]) -> str:

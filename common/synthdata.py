@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import os
 import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from common.fsutil import atomic_write_text
 from common.synthvocab import (
     AREA_CODES,
     CITIES,
@@ -215,19 +215,6 @@ def generate_site_records(
     return records, planted
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temporary file and ``os.replace``."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8", newline="\n") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def write_synthetic_sites(
     out_dir: Path, *, sites: int = 3, records_per_site: int = 240, seed: int = 0
 ) -> list[Path]:
@@ -256,8 +243,8 @@ def write_synthetic_sites(
     for index, name in enumerate(site_names(sites)):
         records, planted = generate_site_records(index, records_per_site, seed=seed)
         path = out_dir / f"{name}.jsonl"
-        _atomic_write(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+        atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
         key = json.dumps([asdict(p) for p in planted], ensure_ascii=False, indent=1)
-        _atomic_write(out_dir / f"{name}.pii.json", key + "\n")
+        atomic_write_text(out_dir / f"{name}.pii.json", key + "\n")
         paths.append(path)
     return paths

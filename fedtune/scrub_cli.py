@@ -10,7 +10,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any
@@ -18,6 +17,7 @@ from typing import Annotated, Any
 import typer
 
 from common.errors import DataError
+from common.fsutil import atomic_write_bytes
 from privacy.pii import ScrubConfig, ScrubReport, get_scrubber
 
 DEFAULT_FIELDS = ("instruction", "response")
@@ -57,19 +57,6 @@ def _check_fields(path: Path, records: Sequence[dict[str, Any]], fields: Sequenc
                 )
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def write_records(path: Path, records: Sequence[dict[str, Any]]) -> None:
     """Write records as JSONL, CSV or Parquet (by ``path``'s suffix), atomically.
 
@@ -81,21 +68,21 @@ def write_records(path: Path, records: Sequence[dict[str, Any]]) -> None:
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".json"):
         text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-        _atomic_write_bytes(path, text.encode("utf-8"))
+        atomic_write_bytes(path, text.encode("utf-8"))
     elif suffix == ".csv":
         names = list(dict.fromkeys(k for r in records for k in r))
         buffer = io.StringIO(newline="")
         writer = csv.DictWriter(buffer, fieldnames=names, lineterminator="\n")
         writer.writeheader()
         writer.writerows(records)
-        _atomic_write_bytes(path, buffer.getvalue().encode("utf-8"))
+        atomic_write_bytes(path, buffer.getvalue().encode("utf-8"))
     elif suffix == ".parquet":
         import pyarrow as pa
         import pyarrow.parquet as pq
 
         sink = pa.BufferOutputStream()
         pq.write_table(pa.Table.from_pylist(list(records)), sink)
-        _atomic_write_bytes(path, sink.getvalue().to_pybytes())
+        atomic_write_bytes(path, sink.getvalue().to_pybytes())
     else:
         raise DataError(
             str(path), None, f"unsupported output type '{path.suffix}'", "use .jsonl, .csv or .parquet"
@@ -167,7 +154,7 @@ def scrub_file(
             "entity_operators": dict(config.entity_operators),
             **report.to_dict(),
         }
-        _atomic_write_bytes(report_path, (json.dumps(body, indent=1) + "\n").encode("utf-8"))
+        atomic_write_bytes(report_path, (json.dumps(body, indent=1) + "\n").encode("utf-8"))
     return report
 
 

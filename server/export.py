@@ -12,6 +12,7 @@ from flwr.app import ArrayRecord
 
 from common.arrays import to_state
 from common.config import RunConfig
+from common.fsutil import atomic_write_text
 from common.modeling import load_adapter_state, load_base_model, make_peft_model
 
 
@@ -33,6 +34,4 @@ def write_adapter(cfg: RunConfig, arrays: ArrayRecord, out: Path) -> Path:
 
 def write_summary(path: Path, summary: dict[str, Any]) -> None:
     """Atomically write the run summary as pretty JSON."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(summary, indent=2, sort_keys=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(summary, indent=2) + "\n")
