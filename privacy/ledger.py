@@ -26,37 +26,28 @@ import contextlib
 import fcntl
 import hashlib
 import json
-import math
 import os
-import re
 from collections.abc import Callable, Iterator, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from common.errors import BudgetExceededError, ConfigError, FedtuneError, PolicyViolationError
+from common.errors import BudgetExceededError, ConfigError, PolicyViolationError
 from privacy.accounting import MechanismStep, epsilon
+from privacy.ledger_checks import (
+    _DONT_EDIT,
+    _SHA256_HEX,
+    GENESIS_HASH,
+    LedgerError,
+    _check_reserve_args,
+    _finite,
+    _int_at_least,
+    canonical_bytes,
+    check_lines,
+    parse_entry,
+)
 
 __all__ = ["GENESIS_HASH", "LedgerError", "PrivacyLedger", "canonical_bytes"]
-
-GENESIS_HASH = "0" * 64
-_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
-_DONT_EDIT = "Fix: restore the ledger from backup and tell the site's privacy office; never edit it by hand"
-
-
-class LedgerError(FedtuneError):
-    """The ledger is unreadable, fails verification, or was used inconsistently."""
-
-    def __init__(self, path: Path, line: int | None, problem: str) -> None:
-        self.path = path
-        self.line = line
-        super().__init__(f"{path}:{line}: {problem}" if line is not None else f"{path}: {problem}")
-
-
-def canonical_bytes(entry: Mapping[str, Any]) -> bytes:
-    """Bytes covered by ``hash`` and ``signature``: sorted compact ASCII JSON without them."""
-    body = {k: v for k, v in entry.items() if k not in ("hash", "signature")}
-    return json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False).encode("ascii")
 
 
 class PrivacyLedger:
@@ -88,7 +79,7 @@ class PrivacyLedger:
     def entries(self) -> list[dict[str, Any]]:
         """All entries in file order; raises :class:`LedgerError` naming ``path:line`` if one is corrupt."""
         with self._locked(fcntl.LOCK_SH):
-            return [self._parse(n, text) for n, text in self._lines()]
+            return [parse_entry(self.path, n, text) for n, text in self._lines()]
 
     def history(self) -> list[MechanismStep]:
         """Mechanisms of ALL reservations, committed or not (a crash mid-round still counts)."""
@@ -290,16 +281,9 @@ class PrivacyLedger:
             lines.pop()
         return list(enumerate(lines, start=1))
 
-    def _parse(self, lineno: int, text: str) -> dict[str, Any]:
-        try:
-            entry = json.loads(text, parse_constant=_reject_constant)
-        except ValueError as exc:  # json.JSONDecodeError is a ValueError
-            raise LedgerError(
-                self.path, lineno, f"corrupt entry, not valid JSON ({exc}). {_DONT_EDIT}"
-            ) from exc
-        if not isinstance(entry, dict):
-            raise LedgerError(self.path, lineno, f"corrupt entry, not a JSON object. {_DONT_EDIT}")
-        return entry
+    def _check(self, lines: list[tuple[int, str]]) -> tuple[list[dict[str, Any]], list[str]]:
+        """Parse and verify ``lines``; returns the readable entries and every problem found."""
+        return check_lines(self.path, lines, self._verifier)
 
     def _history(self, entries: list[dict[str, Any]]) -> list[MechanismStep]:
         history = []
@@ -314,46 +298,6 @@ class PrivacyLedger:
                         self.path, lineno, f"invalid reservation ({exc!r}). {_DONT_EDIT}"
                     ) from exc
         return history
-
-    def _check(self, lines: list[tuple[int, str]]) -> tuple[list[dict[str, Any]], list[str]]:
-        """Parse and verify ``lines``; returns the readable entries and every problem found."""
-        entries: list[dict[str, Any]] = []
-        problems: list[str] = []
-        prev_hash = GENESIS_HASH
-        committed: dict[object, bool] = {}  # reservation seq -> committed already
-        for index, (lineno, text) in enumerate(lines):
-            where = f"{self.path}:{lineno}"
-            try:
-                entry = self._parse(lineno, text)
-            except LedgerError as exc:
-                problems.append(str(exc))
-                prev_hash = "<unreadable>"
-                continue
-            entries.append(entry)
-            if entry.get("seq") != index:
-                problems.append(
-                    f"{where}: seq is {entry.get('seq')!r}, expected {index} (lines lost or moved)"
-                )
-            if entry.get("prev_hash") != prev_hash:
-                problems.append(f"{where}: prev_hash does not match the previous entry's hash")
-            if entry.get("hash") != hashlib.sha256(canonical_bytes(entry)).hexdigest():
-                problems.append(f"{where}: hash mismatch, the entry was modified")
-            prev_hash = str(entry.get("hash"))
-            signature = entry.get("signature")
-            if self._verifier is not None and not (
-                isinstance(signature, str) and self._verifier(canonical_bytes(entry), signature)
-            ):
-                problems.append(f"{where}: missing or invalid signature")
-            ref = entry.get("reserve_seq")
-            if entry.get("kind") == "reserve":
-                committed[entry.get("seq")] = False
-            elif entry.get("kind") == "commit" and committed.get(ref) is not False:
-                problems.append(
-                    f"{where}: commit of reservation {ref!r}, which is unknown or already committed"
-                )
-            elif entry.get("kind") == "commit":
-                committed[ref] = True
-        return entries, problems
 
     def _append(self, entries: list[dict[str, Any]], fields: dict[str, Any]) -> dict[str, Any]:
         """Append one entry (one O_APPEND write of a full line, then fsync) and return it."""
@@ -381,31 +325,3 @@ class PrivacyLedger:
                 os.close(dir_fd)
         entries.append(entry)
         return entry
-
-
-def _reject_constant(name: str) -> None:
-    raise ValueError(f"{name} is not allowed in a ledger")
-
-
-def _int_at_least(value: object, low: int) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= low
-
-
-def _finite(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _check_reserve_args(
-    round: int, run_id: str, max_grad_norm: float, delta: float, max_epsilon: float, fingerprint: str
-) -> None:
-    checks = [
-        (_int_at_least(round, 0), f"round must be an integer >= 0, got {round!r}"),
-        (isinstance(run_id, str) and bool(run_id), "run_id must be a non-empty string"),
-        (_finite(max_grad_norm) and max_grad_norm > 0, f"max_grad_norm must be > 0, got {max_grad_norm!r}"),
-        (_finite(delta) and 0 < delta < 1, f"delta must be in (0, 1), got {delta!r}"),
-        (_finite(max_epsilon) and max_epsilon > 0, f"max_epsilon must be > 0, got {max_epsilon!r}"),
-        (isinstance(fingerprint, str) and bool(fingerprint), "data_fingerprint must be a non-empty string"),
-    ]
-    problems = [message for ok, message in checks if not ok]
-    if problems:
-        raise ConfigError("ledger reservation", problems)
