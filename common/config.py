@@ -141,6 +141,15 @@ RUN_KEYS: tuple[Key, ...] = (
     Key("site-dp-noise", float, 0.0, "a number >= 0 (0 = no site-level DP at the coordinator)", _nonneg),
     Key("site-dp-clip", float, 1.0, "a number > 0: L2 bound on each site's update", _pos),
     Key("site-dp-delta", float, 1e-3, "a number in (0, 1): ~1/number-of-sites or smaller", _unit),
+    Key(
+        "aggregation",
+        str,
+        "fedavg",
+        "one of fedavg, median, trimmed-mean, krum",
+        lambda x: x in ("fedavg", "median", "trimmed-mean", "krum"),
+    ),
+    Key("trim-beta", float, 0.2, "a fraction in (0, 0.5) trimmed at each end", lambda x: 0 < x < 0.5),
+    Key("max-update-norm", float, 100.0, "a number >= 0: L2 bound on each site's update (0 = off)", _nonneg),
     Key("dp", bool, True, "true, or false for a non-private baseline (sites must allow it)"),
     Key("model-dir", str, "", "a local folder holding the base model"),
     Key("out-dir", str, "runs/latest", "a writable folder for run outputs", lambda x: bool(x)),
@@ -190,6 +199,9 @@ class RunConfig:
     site_dp_noise: float
     site_dp_clip: float
     site_dp_delta: float
+    aggregation: str
+    trim_beta: float
+    max_update_norm: float
     dp: bool
     model_dir: str
     out_dir: str

@@ -31,7 +31,14 @@ from common.modeling import (
     model_fingerprint,
 )
 from server.export import write_adapter, write_summary
-from server.strategy import SiteLevelDP, SiteReply, build_strategy, triage_evaluate, triage_train
+from server.strategy import (
+    SiteLevelDP,
+    SiteReply,
+    UpdateRules,
+    build_strategy,
+    triage_evaluate,
+    triage_train,
+)
 
 log = logging.getLogger(__name__)
 RoundCallback = Callable[[dict[str, Any]], None]
@@ -76,6 +83,8 @@ def run_federation(
         fraction_train=cfg.fraction_train,
         sites_expected=max(cfg.min_train_sites, len(list(grid.get_node_ids()))),
         site_dp=site_dp,
+        aggregation=cfg.aggregation,
+        trim_beta=cfg.trim_beta,
     )
     sites: dict[str, dict[str, Any]] = {}
     totals = {"bytes_down": 0, "bytes_up": 0}
@@ -87,7 +96,8 @@ def run_federation(
         messages = list(strategy.configure_train(rnd, arrays, ConfigRecord(req.to_record()), grid))
         down = payload_bytes(arrays) * len(messages)
         replies = list(grid.send_and_receive(messages, timeout=cfg.round_timeout))
-        accepted, train_infos = triage_train(rnd, replies, template)
+        rules = UpdateRules(template, rnd, run_id, arrays, cfg.max_update_norm)
+        accepted, train_infos = triage_train(rnd, replies, rules)
         new_arrays, _ = strategy.aggregate_train(rnd, accepted)
         if new_arrays is not None:  # under FFA-LoRA only B is averaged; A stays the shared init
             arrays = ArrayRecord({**arrays, **new_arrays})

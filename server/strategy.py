@@ -10,16 +10,25 @@ clipping), so a receipt is checked against the bytes the site actually sent.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 from flwr.app import ArrayRecord, Message
 from flwr.serverapp import PrivacyConfig, RdpAccountant
-from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, FedAvg, Strategy
+from flwr.serverapp.strategy import (
+    DifferentialPrivacyServerSideFixedClipping,
+    FedAvg,
+    FedMedian,
+    FedTrimmedAvg,
+    Krum,
+    Strategy,
+)
 from flwr.supercore.privacy_accounting import NeighboringRelation, SamplingMethod
 
 from common.arrays import ArraySpec, check_update, payload_bytes, update_sha256
+from common.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +72,20 @@ def describe(msg: Message) -> SiteReply:
     return SiteReply(node, name, status, reason, metrics, scrub, up, receipt)
 
 
+@dataclass(frozen=True)
+class UpdateRules:
+    """What an acceptable update of one round looks like."""
+
+    template: dict[str, ArraySpec]
+    server_round: int
+    run_id: str
+    global_arrays: ArrayRecord | None = None  # the adapter the sites started from (for the norm bound)
+    max_update_norm: float = 0.0  # L2 bound on (update - global); 0 = off
+    max_num_examples: int = 100_000_000
+
+
 def triage_train(
-    server_round: int, replies: Iterable[Message], template: dict[str, ArraySpec]
+    server_round: int, replies: Iterable[Message], rules: UpdateRules
 ) -> tuple[list[Message], list[SiteReply]]:
     """Sort training replies; return the acceptable ones and what every site answered."""
     accepted: list[Message] = []
@@ -72,7 +93,7 @@ def triage_train(
     for msg in replies:
         info = describe(msg)
         if info.status == "trained":
-            problems = check_reply(msg.content.array_records.get("arrays"), info, template)
+            problems = check_reply(msg.content.array_records.get("arrays"), info, rules)
             if problems:
                 info.status, info.reason = "rejected", "; ".join(problems)
             else:
@@ -87,14 +108,42 @@ def triage_train(
     return accepted, infos
 
 
-def check_reply(arrays: ArrayRecord | None, info: SiteReply, template: dict[str, ArraySpec]) -> list[str]:
+def check_reply(arrays: ArrayRecord | None, info: SiteReply, rules: UpdateRules) -> list[str]:
     """Why an update cannot be aggregated (empty list = accept)."""
     if arrays is None:
         return ["no 'arrays' record"]
-    problems = check_update(arrays, template)
-    if not problems and info.receipt.get("update_sha256") != update_sha256(arrays):
+    problems = check_update(arrays, rules.template)
+    n = info.metrics.get("num-examples", 0.0)
+    if not 0 < n <= rules.max_num_examples or n != int(n):
+        problems.append(f"num-examples {n:g} is not a count in (0, {rules.max_num_examples}]")
+    if problems:
+        return problems
+    if info.receipt.get("update_sha256") != update_sha256(arrays):
         problems.append("the update does not match the ledger receipt sent with it")
+    if "hash" in info.receipt and (info.receipt.get("round"), info.receipt.get("run_id")) != (
+        rules.server_round,
+        rules.run_id,
+    ):
+        problems.append(
+            f"the receipt is for run {info.receipt.get('run_id')!r} round {info.receipt.get('round')}, "
+            f"not this round ({rules.run_id!r} round {rules.server_round}): a replayed update"
+        )
+    if rules.max_update_norm > 0 and rules.global_arrays is not None:
+        norm = update_norm(arrays, rules.global_arrays)
+        if norm > rules.max_update_norm:
+            problems.append(
+                f"update norm {norm:.4g} exceeds the bound max-update-norm={rules.max_update_norm:g}"
+            )
     return problems
+
+
+def update_norm(arrays: ArrayRecord, reference: ArrayRecord) -> float:
+    """L2 norm of ``arrays - reference`` over the keys of ``arrays``."""
+    total = 0.0
+    for key, arr in arrays.items():
+        diff = arr.numpy().astype(np.float64) - reference[key].numpy().astype(np.float64)
+        total += float(np.square(diff).sum())
+    return float(np.sqrt(total))
 
 
 def triage_evaluate(server_round: int, replies: Iterable[Message]) -> tuple[list[Message], list[SiteReply]]:
@@ -120,22 +169,50 @@ class SiteLevelDP:
     delta: float
 
 
+AGGREGATIONS = ("fedavg", "median", "trimmed-mean", "krum")
+
+
 def build_strategy(
-    *, min_sites: int, fraction_train: float, sites_expected: int, site_dp: SiteLevelDP | None
+    *,
+    min_sites: int,
+    fraction_train: float,
+    sites_expected: int,
+    site_dp: SiteLevelDP | None,
+    aggregation: str = "fedavg",
+    trim_beta: float = 0.2,
 ) -> tuple[Strategy, DifferentialPrivacyServerSideFixedClipping | None]:
-    """Flower's FedAvg, wrapped in Flower's server-side fixed-clipping DP when asked.
+    """Flower's FedAvg (or its robust median / trimmed-mean / Krum), optionally with site-level DP.
 
     Site-level DP weights every site equally (``site-weight``, sent as 1 by every site): with
-    num-examples weights one site's influence would depend on its size.
+    num-examples weights one site's influence would depend on its size. Flower's DP accountant
+    requires FedAvg's own aggregation, so site-level DP combines with ``fedavg`` only.
     """
-    fedavg = FedAvg(
-        fraction_train=fraction_train,
-        fraction_evaluate=1.0,
-        min_train_nodes=min_sites,
-        min_evaluate_nodes=min_sites,
-        min_available_nodes=min_sites,
-        weighted_by_key="num-examples" if site_dp is None else "site-weight",
-    )
+    common: dict[str, Any] = {
+        "fraction_train": fraction_train,
+        "fraction_evaluate": 1.0,
+        "min_train_nodes": min_sites,
+        "min_evaluate_nodes": min_sites,
+        "min_available_nodes": min_sites,
+        "weighted_by_key": "num-examples" if site_dp is None else "site-weight",
+    }
+    robust: dict[str, Callable[[], FedAvg]] = {
+        "median": lambda: FedMedian(**common),
+        "trimmed-mean": lambda: FedTrimmedAvg(beta=trim_beta, **common),
+        "krum": lambda: Krum(num_malicious_nodes=max(0, (sites_expected - 3) // 2), **common),
+    }
+    if aggregation not in AGGREGATIONS:
+        raise ConfigError("run config", [f"'aggregation' must be one of {', '.join(AGGREGATIONS)}"])
+    if aggregation != "fedavg":
+        if site_dp is not None:
+            raise ConfigError(
+                "run config",
+                [
+                    "site-level DP ('site-dp-noise' > 0) needs 'aggregation' = 'fedavg': Flower's DP "
+                    "accountant covers FedAvg's own aggregation only"
+                ],
+            )
+        return robust[aggregation](), None
+    fedavg = FedAvg(**common)
     if site_dp is None:
         return fedavg, None
     config = PrivacyConfig(
