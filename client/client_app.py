@@ -73,7 +73,7 @@ def handle_evaluate(msg: Message, context: Context, overrides: Mapping[str, Any]
     return Message(
         RecordDict(
             {
-                "metrics": MetricRecord({"eval-loss": loss, "num-examples": n}),
+                "metrics": MetricRecord({"eval-loss": loss, "num-examples": n, "site-weight": 1.0}),
                 "site": ConfigRecord({"name": agent.policy.name}),
             }
         ),
