@@ -7,6 +7,7 @@ of :mod:`privacy.pii_patterns`.  Nothing is ever downloaded.
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from pathlib import Path
@@ -86,7 +87,14 @@ def engines(model: str, language: str) -> tuple[AnalyzerEngine, AnonymizerEngine
             if isinstance(nlp_engine, SpacyNlpEngine):
                 _slim_pipeline(nlp_engine.get_nlp(language))
             registry = RecognizerRegistry(supported_languages=[language])
-            registry.load_predefined_recognizers(languages=[language], nlp_engine=nlp_engine)
+            # Presidio logs one warning per recognizer of another language it skips; only ours matter.
+            presidio_log = logging.getLogger("presidio-analyzer")
+            level = presidio_log.level
+            presidio_log.setLevel(logging.ERROR)
+            try:
+                registry.load_predefined_recognizers(languages=[language], nlp_engine=nlp_engine)
+            finally:
+                presidio_log.setLevel(level)
             analyzer = AnalyzerEngine(
                 nlp_engine=nlp_engine, registry=registry, supported_languages=[language]
             )
