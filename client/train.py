@@ -17,7 +17,7 @@ import logging
 import secrets
 import warnings
 from dataclasses import dataclass
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
 import torch
 from opacus import GradSampleModule
@@ -171,6 +171,13 @@ class DPStepper:
         self._criterion: DPLossFastGradientClipping | None = None
         self.module: GradSampleModule | GradSampleModuleFastGradientClipping
         self.optimizer: DPOptimizer
+        noise: dict[str, Any] = {
+            "noise_multiplier": plan.noise_multiplier,
+            "max_grad_norm": plan.max_grad_norm,
+            "expected_batch_size": plan.expected_batch_size,
+            "loss_reduction": "mean",
+            "generator": noise_generator,
+        }
         if mode == "ghost":
             self.module = GradSampleModuleFastGradientClipping(
                 model,
@@ -179,14 +186,7 @@ class DPStepper:
                 max_grad_norm=plan.max_grad_norm,
                 use_ghost_clipping=True,
             )
-            ghost_opt = DPOptimizerFastGradientClipping(
-                base_opt,
-                noise_multiplier=plan.noise_multiplier,
-                max_grad_norm=plan.max_grad_norm,
-                expected_batch_size=plan.expected_batch_size,
-                loss_reduction="mean",
-                generator=noise_generator,
-            )
+            ghost_opt = DPOptimizerFastGradientClipping(base_opt, **noise)
             self._criterion = DPLossFastGradientClipping(self.module, ghost_opt, SequenceLoss(), "mean")
             self.optimizer = ghost_opt
         else:
@@ -197,14 +197,7 @@ class DPStepper:
             self.module = GradSampleModule(
                 model, batch_first=True, loss_reduction="sum", force_functorch=mode == "functorch"
             )
-            self.optimizer = DPOptimizer(
-                base_opt,
-                noise_multiplier=plan.noise_multiplier,
-                max_grad_norm=plan.max_grad_norm,
-                expected_batch_size=plan.expected_batch_size,
-                loss_reduction="mean",
-                generator=noise_generator,
-            )
+            self.optimizer = DPOptimizer(base_opt, **noise)
 
     def backward(self, ids: torch.Tensor, mask: torch.Tensor) -> float:
         """Forward and backward of one non-empty batch, leaving clipped material for :meth:`update`.
