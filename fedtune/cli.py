@@ -70,7 +70,8 @@ def _parse_run_config(items: list[str]) -> dict[str, Any]:
 def print_summary(summary: dict[str, Any], out: Path) -> None:
     """A readable per-site table of the run."""
     table = Table(title=f"fedtune run {summary['run_id']} -- {summary['rounds']} rounds")
-    for col in ("site", "trained", "epsilon", "max eps", "eval loss before", "eval loss after", "notes"):
+    table.add_column("site", no_wrap=True)
+    for col in ("rounds", "epsilon", "budget", "eval before", "eval after", "notes"):
         table.add_column(col)
     for name, s in summary["sites"].items():
         before, after = s.get("eval_loss_before"), s.get("eval_loss_after")
@@ -85,11 +86,11 @@ def print_summary(summary: dict[str, Any], out: Path) -> None:
             notes or "",
         )
     console.print(table)
-    ratio = summary["bytes_up"] / max(1, summary["base_model"]["bytes"] * summary["rounds"])
+    base = summary["base_model"]["bytes"]
     console.print(
-        f"bytes up {summary['bytes_up']:,} / down {summary['bytes_down']:,}; adapter "
-        f"{summary['adapter_bytes']:,} B vs base model {summary['base_model']['bytes']:,} B "
-        f"(upload per round = {ratio:.2%} of the base model per site-round x sites)"
+        f"adapter {summary['adapter_bytes']:,} B = {summary['adapter_bytes'] / max(1, base):.2%} of the base "
+        f"model ({base:,} B); all sites sent {summary['bytes_up']:,} B and received "
+        f"{summary['bytes_down']:,} B in total"
     )
     console.print(f"run folder: [bold]{out}[/bold] (adapter/, ledgers/, metrics.jsonl, summary.json)")
 
