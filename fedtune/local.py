@@ -18,8 +18,9 @@ from client.site import SiteAgent
 from common.arrays import payload_bytes
 from common.config import RunConfig, TrainRequest
 from common.modeling import model_fingerprint
-from server.coordinator import initial_adapter
+from server.coordinator import initial_adapter, merge_site
 from server.export import write_summary
+from server.strategy import SiteReply
 
 
 def run_local(policies: list[Path], run_config: Mapping[str, Any]) -> dict[str, Any]:
@@ -34,28 +35,19 @@ def run_local(policies: list[Path], run_config: Mapping[str, Any]) -> dict[str, 
     for path in policies:
         agent = SiteAgent(load_policy(path), seed=cfg.seed if cfg.seed >= 0 else None)
         arrays = start
-        site: dict[str, Any] = {"rounds_trained": 0, "refusals": []}
+        name = agent.policy.name
         for rnd in range(1, cfg.num_server_rounds + 1):
             req = TrainRequest.build(cfg, server_round=rnd, run_id=run_id, fingerprint=fingerprint)
             outcome = agent.train_round(arrays, req)
             if outcome.trained and outcome.arrays is not None:
                 arrays = type(arrays)({**arrays, **outcome.arrays})
-                site["rounds_trained"] += 1
-                site.setdefault("eval_loss_before", outcome.metrics["eval-loss-before"])
-            else:
-                site["refusals"].append({"round": rnd, "reason": outcome.reason})
-            for key in ("epsilon", "epsilon-rdp", "delta", "max-epsilon", "noise-multiplier"):
-                if key in outcome.metrics:
-                    site[key.replace("-", "_")] = outcome.metrics[key]
+            status = "trained" if outcome.trained else "refused"
+            metrics = {"num-examples": float(outcome.num_examples), **outcome.metrics}
+            merge_site(sites, SiteReply(0, name, status, outcome.reason, metrics, outcome.scrub_counts), rnd)
             loss, _ = agent.evaluate(arrays, req)
-            site["eval_loss_after"] = loss
-            lines[rnd - 1]["sites"][agent.policy.name] = {
-                "status": "trained" if outcome.trained else "refused",
-                "eval-loss": loss,
-                **outcome.metrics,
-            }
-        site["num_examples"] = len(agent.data().train)
-        sites[agent.policy.name] = site
+            sites[name]["eval_loss_after"] = loss
+            lines[rnd - 1]["sites"][name] = {"status": status, "eval-loss": loss, **outcome.metrics}
+        sites[name]["num_examples"] = len(agent.data().train)
     with open(out / "metrics.jsonl", "w", encoding="utf-8") as fh:
         fh.writelines(json.dumps(line) + "\n" for line in lines)
     summary = {

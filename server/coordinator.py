@@ -110,7 +110,7 @@ def run_federation(
         totals["bytes_up"] += up
         rows = _site_rows(train_infos, eval_infos)
         for r in train_infos:
-            _merge_site(sites, r, rnd)
+            merge_site(sites, r, rnd)
         _append_receipts(out / "receipts.jsonl", train_infos)
         for r in eval_infos:
             if "eval-loss" in r.metrics:
@@ -189,7 +189,7 @@ def _append_receipts(path: Path, replies: list[SiteReply]) -> None:
         os.fsync(fh.fileno())
 
 
-def _merge_site(sites: dict[str, dict[str, Any]], r: SiteReply, rnd: int) -> None:
+def merge_site(sites: dict[str, dict[str, Any]], r: SiteReply, rnd: int) -> None:
     """Fold one train reply into the per-site summary."""
     s = sites.setdefault(r.site, {"rounds_trained": 0, "refusals": [], "failures": []})
     s.setdefault("rounds_trained", 0)
