@@ -143,15 +143,6 @@ def load_records(path: Path, fields: Sequence[str], *, max_chars: int = 20000) -
     return records
 
 
-def file_sha256(path: Path) -> str:
-    """SHA-256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def format_example(record: dict[str, Any], fields: Sequence[str]) -> str:
     """The training text of one (scrubbed) record."""
     if tuple(fields) == ("instruction", "response"):

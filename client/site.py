@@ -20,7 +20,6 @@ from flwr.app import ArrayRecord
 
 from client.data import (
     SiteData,
-    file_sha256,
     fingerprint,
     format_example,
     load_records,
@@ -32,7 +31,7 @@ from client.train import DPPlan, evaluate_loss, train_dp
 from common.arrays import to_record, to_state, update_sha256
 from common.config import LoraSpec, TrainRequest
 from common.errors import BudgetExceededError, ConfigError, PolicyViolationError
-from common.fsutil import atomic_write_text
+from common.fsutil import atomic_write_text, file_sha256
 from common.modeling import (
     adapter_state,
     load_adapter_state,

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from common.config import LoraSpec
 from common.errors import ConfigError
+from common.fsutil import hash_file_into
 
 if TYPE_CHECKING:
     import torch
@@ -75,9 +76,7 @@ def model_fingerprint(path: str | Path) -> str:
     names = ["config.json", *sorted(f.name for f in p.iterdir() if f.suffix in _WEIGHT_SUFFIXES)]
     for name in names:
         digest.update(name.encode())
-        with open(p / name, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(chunk)
+        hash_file_into(digest, p / name)
     return digest.hexdigest()
 
 

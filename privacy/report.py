@@ -10,7 +10,6 @@ inlined as base64 ``data:`` URIs; the page loads nothing from anywhere else.
 from __future__ import annotations
 
 import base64
-import hashlib
 import html
 import io
 import json
@@ -27,6 +26,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from common.errors import FedtuneError
+from common.fsutil import file_sha256
 from privacy.audit import RECEIPTS_NAME, verify_ledgers
 
 __all__ = ["SOFTWARE", "build_report", "guarantee_text", "write_html"]
@@ -35,14 +35,6 @@ SOFTWARE = (
     *("fedtune", "torch", "opacus", "flwr", "peft", "transformers"),
     *("presidio-analyzer", "presidio-anonymizer", "cryptography"),
 )
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _versions() -> dict[str, str]:
@@ -169,7 +161,7 @@ def build_report(run_dir: Path, *, pubkeys: Mapping[str, Path] | Path | None = N
         "software": _versions(),
         "fingerprints": {
             "base_model": summary.get("base_model", {}),
-            "adapter": {str(p.relative_to(adapter)): _sha256(p) for p in files},
+            "adapter": {str(p.relative_to(adapter)): file_sha256(p) for p in files},
         },
     }
 
