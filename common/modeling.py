@@ -139,9 +139,9 @@ def adapter_state(model: PeftModel) -> dict[str, torch.Tensor]:
 
 def load_adapter_state(model: PeftModel, state: dict[str, torch.Tensor]) -> None:
     """Load adapter weights into ``model``; every key must match exactly."""
-    from peft import set_peft_model_state_dict
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
-    expected = set(adapter_state(model))
+    expected = set(get_peft_model_state_dict(model))  # key names only: no tensor copies
     if set(state) != expected:
         missing = sorted(expected - set(state))[:3]
         extra = sorted(set(state) - expected)[:3]
