@@ -162,6 +162,12 @@ RUN_KEYS: tuple[Key, ...] = (
         "-1 (unpredictable DP noise) or a seed >= 0 (testing only: NOT private)",
         lambda x: x >= -1,
     ),
+    Key("resume", str, "", "'' (new run) or the run folder whose last checkpoint to continue"),
+    Key("secagg", bool, False, "true (SecAgg+: the coordinator sees only the sum) or false"),
+    Key("secagg-shares", int, 3, "an integer >= 2: secret shares per site's key", lambda x: x >= 2),
+    Key("secagg-threshold", int, 2, "an integer >= 2: shares needed to unmask", lambda x: x >= 2),
+    Key("secagg-clip-range", float, 8.0, "a number > 0: update values are clipped to +-range", _pos),
+    Key("secagg-quantization", int, 4194304, "an integer >= 2: quantization levels", lambda x: x >= 2),
 )
 
 
@@ -208,6 +214,12 @@ class RunConfig:
     sim_policies: str
     round_timeout: float
     seed: int
+    resume: str
+    secagg: bool
+    secagg_shares: int
+    secagg_threshold: int
+    secagg_clip_range: float
+    secagg_quantization: int
 
     @classmethod
     def from_flower(cls, run_config: Mapping[str, Any], source: str = "run config") -> RunConfig:
