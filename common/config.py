@@ -162,7 +162,8 @@ RUN_KEYS: tuple[Key, ...] = (
         "-1 (unpredictable DP noise) or a seed >= 0 (testing only: NOT private)",
         lambda x: x >= -1,
     ),
-    Key("resume", str, "", "'' (new run) or the run folder whose last checkpoint to continue"),
+    Key("resume", bool, False, "false (new run) or true: continue the run in out-dir from its checkpoint"),
+    Key("update-norm-ratio", float, 10.0, "a number >= 0 (x the round's median norm; 0 = off)", _nonneg),
     Key("secagg", bool, False, "true (SecAgg+: the coordinator sees only the sum) or false"),
     Key("secagg-shares", int, 3, "an integer >= 2: secret shares per site's key", lambda x: x >= 2),
     Key("secagg-threshold", int, 2, "an integer >= 2: shares needed to unmask", lambda x: x >= 2),
@@ -214,7 +215,8 @@ class RunConfig:
     sim_policies: str
     round_timeout: float
     seed: int
-    resume: str
+    resume: bool
+    update_norm_ratio: float
     secagg: bool
     secagg_shares: int
     secagg_threshold: int
