@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from flwr.app import ArrayRecord
 
+from client import faults
 from client.data import (
     SiteData,
     fingerprint,
@@ -249,7 +250,7 @@ class SiteAgent:
         eval_before = evaluate_loss(model, ev_ids, ev_mask)
         if not req.dp:
             log.warning("site %s trains round %d WITHOUT differential privacy", pol.name, req.server_round)
-            return self._finish(req, model, ids, mask, dp, eval_before, entry=None)
+            return self._finish(req, model, ids, mask, dp, eval_before, arrays, entry=None)
         try:
             entry = self.ledger.reserve(
                 round=req.server_round,
@@ -263,7 +264,7 @@ class SiteAgent:
             )
         except (BudgetExceededError, PolicyViolationError) as exc:  # refusal already in the ledger
             return self._refusal(req, exc)
-        return self._finish(req, model, ids, mask, dp, eval_before, entry=entry)
+        return self._finish(req, model, ids, mask, dp, eval_before, arrays, entry=entry)
 
     def _finish(
         self,
@@ -273,14 +274,21 @@ class SiteAgent:
         mask: torch.Tensor,
         dp: DPPlan,
         eval_before: float,
+        start: ArrayRecord,
         *,
         entry: dict[str, Any] | None,
     ) -> RoundOutcome:
         """Train, build the reply, then commit the reservation (``entry``; None = non-private)."""
         pol, data = self.policy, self.data()
-        stats = train_dp(model, ids, mask, dp, learning_rate=req.learning_rate, seed=self.seed)
+        fault = faults.active(pol.name, req.server_round)
+        if fault == "raise":
+            raise faults.InjectedFault(f"injected crash at site {pol.name} in round {req.server_round}")
+        seed = None if self.seed is None else self.seed + 7919 * req.server_round
+        stats = train_dp(model, ids, mask, dp, learning_rate=req.learning_rate, seed=seed)
         state = adapter_state(model)
         record = to_record({k: state[k] for k in req.lora.update_keys(state)})
+        if fault is not None:
+            record = faults.corrupt(fault, record, start)
         metrics = {
             "train-loss": stats.mean_loss,
             "eval-loss-before": eval_before,

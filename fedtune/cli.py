@@ -92,12 +92,28 @@ def print_summary(summary: dict[str, Any], out: Path) -> None:
         f"model ({base:,} B); all sites sent {summary['bytes_up']:,} B and received "
         f"{summary['bytes_down']:,} B in total"
     )
+    rejected = [
+        (n, f)
+        for n, s in summary["sites"].items()
+        for f in s.get("failures", [])
+        if f["status"] == "rejected"
+    ]
+    crashed = [
+        (n, f) for n, s in summary["sites"].items() for f in s.get("failures", []) if f["status"] == "failed"
+    ]
+    console.print(f"rejected updates: {len(rejected)}; failed or silent sites: {len(crashed)}")
+    for name, f in rejected + crashed:
+        console.print(f"  round {f['round']} {name} {f['status']}: {f['reason'][:160]}", highlight=False)
+    if summary.get("status") == "stopped":
+        console.print(
+            f"[bold red]run stopped:[/bold red] {summary['stop_reason']} -- resume with --resume {out}"
+        )
     console.print(f"run folder: [bold]{out}[/bold] (adapter/, ledgers/, metrics.jsonl, summary.json)")
 
 
 @app.command()
 def simulate(
-    out: Annotated[Path, typer.Option(help="Run folder to create.")],
+    out: Annotated[Path | None, typer.Option(help="Run folder to create.")] = None,
     sites: Annotated[int, typer.Option(min=1, help="Number of simulated sites.")] = 3,
     rounds: Annotated[int, typer.Option(min=1, help="Federated rounds.")] = 3,
     model: Annotated[Path | None, typer.Option(help="Local base model folder (default: tiny).")] = None,
@@ -107,8 +123,15 @@ def simulate(
     run_config: Annotated[list[str] | None, typer.Option(help="Extra run config, key=value.")] = None,
     local_only: Annotated[bool, typer.Option(help="Baseline: every site trains alone.")] = False,
     no_dp: Annotated[bool, typer.Option(help="Baseline: train without DP (synthetic data only).")] = False,
+    resume: Annotated[
+        Path | None, typer.Option(help="Continue this interrupted run folder from its last checkpoint.")
+    ] = None,
+    seed: Annotated[
+        int | None, typer.Option(help="TESTING ONLY: seeds the DP noise too, so the run is NOT private.")
+    ] = None,
 ) -> None:
     """Run N sites x R rounds on Flower's Simulation Engine and summarize."""
+    from fedtune.simulate import resume as run_resume
     from fedtune.simulate import simulate as run
 
     def on_round(line: dict[str, Any]) -> None:
@@ -124,8 +147,22 @@ def simulate(
             f"[bold]round {line['round']}/{rounds}[/bold] ({line['time']:.0f}s) " + " | ".join(parts)
         )
 
+    if (out is None) == (resume is None):
+        raise FedtuneError("give either --out RUN_DIR (a new run) or --resume RUN_DIR (continue one)")
+    if resume is not None:
+        console.print(f"resuming {resume} from its last checkpoint ...")
+        summary = run_resume(resume, on_round=on_round)
+        print_summary(summary, resume)
+        return
+    assert out is not None
     console.print(f"simulating {sites} sites x {rounds} rounds into {out} ...")
     extra = _parse_run_config(run_config or [])
+    if seed is not None:
+        extra["seed"] = seed
+        console.print(
+            f"[bold red]--seed {seed}: DP noise is reproducible, so this run is NOT PRIVATE "
+            "(testing only)[/bold red]"
+        )
     if no_dp:
         extra["dp"] = False
         console.print(

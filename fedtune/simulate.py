@@ -7,6 +7,7 @@ ServerApp and ClientApp that ``flwr run`` deploys.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -16,9 +17,11 @@ from typing import Any
 
 from client.policy import render_policy
 from common.errors import ConfigError
+from common.fsutil import atomic_write_text
 from common.modeling import check_model_dir, set_offline_env
 
 RoundCallback = Callable[[dict[str, Any]], None]
+SPEC = "simulation.json"  # how the run was launched, so --resume can launch it again
 
 
 def cache_dir() -> Path:
@@ -165,6 +168,40 @@ def simulate(
         summary_local = run_local(policies, overrides)
         collect_ledgers(out, policies)
         return summary_local
+    spec = {"sites": sites, "policies": [str(p) for p in policies], "overrides": overrides}
+    atomic_write_text(out / SPEC, json.dumps(spec, indent=2))
+    return _run_flower(out, sites, overrides, policies, on_round=on_round, quiet=quiet)
+
+
+def resume(out: Path, *, on_round: RoundCallback | None = None, quiet: bool = True) -> dict[str, Any]:
+    """Continue an interrupted ``simulate`` run in ``out`` from its newest checkpoint."""
+    set_offline_env()
+    out = out.resolve()
+    try:
+        spec = json.loads((out / SPEC).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(
+            str(out / SPEC),
+            [f"cannot read the simulation's settings ({exc}): is {out} a simulate run folder?"],
+        ) from None
+    from server.checkpoint import latest_checkpoint
+
+    latest_checkpoint(out)  # fail now, naming the files, if no checkpoint verifies
+    policies = [Path(p) for p in spec["policies"]]
+    overrides = {**spec["overrides"], "resume": True}
+    return _run_flower(out, int(spec["sites"]), overrides, policies, on_round=on_round, quiet=quiet)
+
+
+def _run_flower(
+    out: Path,
+    sites: int,
+    overrides: dict[str, Any],
+    policies: list[Path],
+    *,
+    on_round: RoundCallback | None,
+    quiet: bool,
+) -> dict[str, Any]:
+    """Run the ServerApp and ClientApp on Flower's Simulation Engine; return the summary."""
     from flwr.simulation import run_simulation
 
     from client.client_app import build_app as build_client
@@ -172,6 +209,8 @@ def simulate(
 
     if quiet:
         logging.getLogger("flwr").setLevel(logging.WARNING)
+    summary_path = out / "summary.json"
+    summary_path.unlink(missing_ok=True)
     run_simulation(
         server_app=build_server(overrides, on_round=on_round),
         client_app=build_client(overrides),
@@ -181,11 +220,9 @@ def simulate(
             "init_args": {"num_cpus": min(sites, os.cpu_count() or 1)},
         },
     )
-    import json
-
-    summary_path = out / "summary.json"
     if not summary_path.is_file():
-        raise RuntimeError(f"the simulation ended without writing {summary_path}; see the log above")
+        hint = " (resume it: fedtune simulate --resume RUN_DIR)" if (out / "checkpoints").is_dir() else ""
+        raise RuntimeError(f"the simulation ended without writing {summary_path}; see the log above{hint}")
     collect_ledgers(out, policies)
     summary: dict[str, Any] = json.loads(summary_path.read_text(encoding="utf-8"))
     return summary

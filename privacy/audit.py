@@ -174,6 +174,7 @@ def _check_chain(audit: LedgerAudit, verifier: Verifier | None) -> None:
     last_round: dict[str, int] = {}  # run_id -> highest round of any entry
     last_reserve: dict[str, int] = {}  # run_id -> highest reserved round
     reserves: dict[int, tuple[str, int, bool]] = {}  # seq -> run_id, round, committed
+    superseded: set[int] = set()  # reservations retried after a crash (must never be committed)
     lines = Path(audit.path).read_text(encoding="utf-8").split("\n")
     if lines[-1] == "":
         lines.pop()
@@ -224,8 +225,12 @@ def _check_chain(audit: LedgerAudit, verifier: Verifier | None) -> None:
                 fail("format", f"reservation fields {bad} are missing or not numbers")
             else:
                 status.parameters = {k: e[k] for k in _RESERVE_NUMBERS} | {"accountant": e.get("accountant")}
-            if rnd <= last_reserve.get(run, -1):
+            same = [s for s, r in reserves.items() if r[:2] == (run, rnd)]
+            if rnd < last_reserve.get(run, -1):
                 fail("order", f"round {rnd} of run {run} reserved after its round {last_reserve[run]}")
+            elif any(reserves[s][2] for s in same):
+                fail("order", f"round {rnd} of run {run} reserved again after it was trained (committed)")
+            superseded.update(same)  # a retry after a crash: the earlier reservation stays counted
             last_reserve[run] = max(rnd, last_reserve.get(run, -1))
             if seq is not None:
                 reserves[seq] = (run, rnd, False)
@@ -237,6 +242,8 @@ def _check_chain(audit: LedgerAudit, verifier: Verifier | None) -> None:
             target = reserves.get(ref) if isinstance(ref, int) else None
             if not isinstance(ref, int) or target is None or target[2]:
                 fail("commit", f"reservation {ref!r} is not an earlier reservation, or already committed")
+            elif ref in superseded:
+                fail("commit", f"reservation {ref} was superseded by a retry of its round: trained twice")
             else:
                 if target[:2] != (run, rnd):
                     fail("commit", f"run/round ({run}, {rnd}) differ from reservation {ref}'s {target[:2]}")

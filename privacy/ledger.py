@@ -168,8 +168,8 @@ class PrivacyLedger:
                 fields = {"reason": reason, "requested_epsilon": requested, "spent_epsilon": spent}
                 self._append(entries, {"kind": "refuse", **request, **fields})
 
-            if any((e.get("run_id"), e.get("round")) == (run_id, round) for e in reserved):
-                reason = f"run {run_id!r} already reserved round {round}; a round is never trained twice"
+            if _committed_round(entries, run_id, round):
+                reason = f"run {run_id!r} already trained round {round}; a round is never trained twice"
                 refuse(reason)
                 raise PolicyViolationError(f"{self.path}: refused: {reason}")
             if delta != ledger_delta:
@@ -250,6 +250,19 @@ class PrivacyLedger:
                 raise LedgerError(
                     self.path, None, f"cannot commit: reservation {reserve_seq} already committed"
                 )
+            key = (match[0]["run_id"], match[0]["round"])
+            if any(
+                e.get("kind") == "reserve"
+                and e["seq"] > reserve_seq
+                and (e.get("run_id"), e.get("round")) == key
+                for e in entries
+            ):
+                raise LedgerError(
+                    self.path,
+                    None,
+                    f"cannot commit: reservation {reserve_seq} was superseded by a retry of "
+                    f"round {key[1]} (its epsilon stays counted)",
+                )
             fields = {"reserve_seq": reserve_seq, "round": match[0]["round"], "run_id": match[0]["run_id"]}
             fields |= {"update_sha256": update_sha256, "num_examples": num_examples}
             fields["metrics"] = {str(k): float(v) for k, v in metrics.items()}
@@ -325,3 +338,14 @@ class PrivacyLedger:
                 os.close(dir_fd)
         entries.append(entry)
         return entry
+
+
+def _committed_round(entries: list[dict[str, Any]], run_id: str, round: int) -> bool:
+    """Whether ``run_id``'s ``round`` was already trained (a reservation of it was committed)."""
+    committed = {e.get("reserve_seq") for e in entries if e.get("kind") == "commit"}
+    return any(
+        e.get("kind") == "reserve"
+        and (e.get("run_id"), e.get("round")) == (run_id, round)
+        and e["seq"] in committed
+        for e in entries
+    )

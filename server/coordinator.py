@@ -17,18 +17,30 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
+from flwr.supercore.privacy_accounting import GaussianPrivacyEvent
 
 from common.arrays import payload_bytes, spec_of, to_record
 from common.config import RunConfig, TrainRequest
 from common.errors import ConfigError
+from common.fsutil import atomic_write_text
 from common.modeling import (
     adapter_state,
     check_model_dir,
     load_base_model,
     make_peft_model,
     model_fingerprint,
+)
+from server.checkpoint import (
+    CheckpointError,
+    CoordinatorState,
+    capture_rng,
+    checkpoints,
+    config_drift,
+    latest_checkpoint,
+    restore_rng,
+    save_checkpoint,
 )
 from server.export import write_adapter, write_summary
 from server.strategy import (
@@ -68,36 +80,58 @@ def _site_rows(train: list[SiteReply], evaluate: list[SiteReply]) -> dict[str, d
 def run_federation(
     grid: Grid, run_config: Mapping[str, Any], on_round: RoundCallback | None = None
 ) -> dict[str, Any]:
-    """Run every round of a federation and write the run folder; return the summary."""
+    """Run (or, with ``resume``, continue) a federation and write the run folder; return the summary."""
     cfg = RunConfig.from_flower(run_config)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    run_id = uuid.uuid4().hex[:12]
     fingerprint = model_fingerprint(check_model_dir(cfg.model_dir, "model-dir"))
-    arrays, base_bytes = initial_adapter(cfg)
-    update_keys = cfg.lora.update_keys(arrays)
-    template = {k: v for k, v in spec_of(arrays).items() if k in update_keys}
+    initial, base_bytes = initial_adapter(cfg)
+    state = _start(cfg, dict(run_config), out, initial)
+    update_keys = cfg.lora.update_keys(state.arrays)
+    template = {k: v for k, v in spec_of(state.arrays).items() if k in update_keys}
     site_dp = _site_dp(cfg)
+    sites_expected = max(cfg.min_train_sites, len(list(grid.get_node_ids())))
     strategy, dp_wrapper = build_strategy(
         min_sites=cfg.min_train_sites,
         fraction_train=cfg.fraction_train,
-        sites_expected=max(cfg.min_train_sites, len(list(grid.get_node_ids()))),
+        sites_expected=sites_expected,
         site_dp=site_dp,
         aggregation=cfg.aggregation,
         trim_beta=cfg.trim_beta,
     )
-    sites: dict[str, dict[str, Any]] = {}
-    totals = {"bytes_down": 0, "bytes_up": 0}
-    metrics_path = out / "metrics.jsonl"
-    metrics_path.write_text("", encoding="utf-8")
-    t0 = time.time()
-    for rnd in range(1, cfg.num_server_rounds + 1):
-        req = TrainRequest.build(cfg, server_round=rnd, run_id=run_id, fingerprint=fingerprint)
+    if dp_wrapper is not None and dp_wrapper.accountant is not None and state.site_dp_releases:
+        event = GaussianPrivacyEvent(cfg.site_dp_noise, sites_expected, sites_expected)
+        dp_wrapper.accountant.compose(event, count=state.site_dp_releases)
+    stop_reason = ""
+    t0 = time.time() - state.elapsed
+    for rnd in range(state.server_round + 1, cfg.num_server_rounds + 1):
+        connected = _wait_for_sites(grid, cfg.min_train_sites, cfg.round_timeout)
+        if connected < cfg.min_train_sites:
+            stop_reason = (
+                f"round {rnd}: only {connected} site(s) connected within round-timeout="
+                f"{cfg.round_timeout:g}s, min-train-sites is {cfg.min_train_sites}"
+            )
+            break
+        req = TrainRequest.build(cfg, server_round=rnd, run_id=state.run_id, fingerprint=fingerprint)
+        arrays = state.arrays
         messages = list(strategy.configure_train(rnd, arrays, ConfigRecord(req.to_record()), grid))
         down = payload_bytes(arrays) * len(messages)
         replies = list(grid.send_and_receive(messages, timeout=cfg.round_timeout))
-        rules = UpdateRules(template, rnd, run_id, arrays, cfg.max_update_norm)
-        accepted, train_infos = triage_train(rnd, replies, rules)
+        rules = UpdateRules(template, rnd, state.run_id, arrays, cfg.max_update_norm, cfg.update_norm_ratio)
+        accepted, train_infos = triage_train(rnd, replies, rules, state.names)
+        train_infos += _missing(rnd, messages, replies, state.names, cfg.round_timeout)
+        state.names.update({str(r.node_id): r.site for r in train_infos if not r.site.startswith("node-")})
+        for r in train_infos:
+            merge_site(state.sites, r, rnd)
+        _append_receipts(out / "receipts.jsonl", train_infos)
+        if len(accepted) < cfg.min_train_sites:
+            stop_reason = (
+                f"round {rnd}: {len(accepted)} update(s) accepted, fewer than min-train-sites="
+                f"{cfg.min_train_sites}; the global adapter stays at round {state.adapter_round}"
+            )
+            _append_metrics(out, _round_line(rnd, t0, down, 0, False, train_infos, [], stop_reason))
+            _checkpoint(out, state, rnd, t0, dp_wrapper)  # round numbers once sent are never reused
+            break
         new_arrays, _ = strategy.aggregate_train(rnd, accepted)
         if new_arrays is not None:  # under FFA-LoRA only B is averaged; A stays the shared init
             arrays = ArrayRecord({**arrays, **new_arrays})
@@ -106,47 +140,149 @@ def run_federation(
         ok, eval_infos = triage_evaluate(rnd, grid.send_and_receive(eval_msgs, timeout=cfg.round_timeout))
         strategy.aggregate_evaluate(rnd, ok)
         up = sum(r.bytes_up for r in train_infos)
-        totals["bytes_down"] += down
-        totals["bytes_up"] += up
-        rows = _site_rows(train_infos, eval_infos)
-        for r in train_infos:
-            merge_site(sites, r, rnd)
-        _append_receipts(out / "receipts.jsonl", train_infos)
+        state.totals["bytes_down"] += down
+        state.totals["bytes_up"] += up
         for r in eval_infos:
             if "eval-loss" in r.metrics:
-                sites.setdefault(r.site, {})["eval_loss_after"] = r.metrics["eval-loss"]
-        line = {
-            "round": rnd,
-            "time": round(time.time() - t0, 2),
-            "bytes_down": down,
-            "bytes_up": up,
-            "updated": new_arrays is not None,
-            "sites": rows,
-        }
-        with open(metrics_path, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(line) + "\n")
+                state.sites.setdefault(r.site, {})["eval_loss_after"] = r.metrics["eval-loss"]
+        line = _round_line(rnd, t0, down, up, new_arrays is not None, train_infos, eval_infos)
+        _append_metrics(out, line)
+        state.arrays, state.adapter_round = arrays, rnd
+        _checkpoint(out, state, rnd, t0, dp_wrapper)
         log.info(
-            "round %d/%d done: %s", rnd, cfg.num_server_rounds, {s: v.get("status") for s, v in rows.items()}
+            "round %d/%d done: %s",
+            rnd,
+            cfg.num_server_rounds,
+            {s: v.get("status") for s, v in line["sites"].items()},
         )
         if on_round is not None:
             on_round(line)
-    write_adapter(cfg, arrays, out / "adapter")
+    if stop_reason:
+        log.error(
+            "run stopped: %s. The checkpoint of round %d is kept: resume with resume=true once "
+            "enough sites are back",
+            stop_reason,
+            state.server_round,
+        )
+    write_adapter(cfg, state.arrays, out / "adapter")
     summary = {
-        "run_id": run_id,
-        "rounds": cfg.num_server_rounds,
+        "run_id": state.run_id,
+        "rounds": state.server_round,
+        "adapter_round": state.adapter_round,
+        "rounds_planned": cfg.num_server_rounds,
+        "status": "stopped" if stop_reason else "completed",
+        "stop_reason": stop_reason,
         "base_model": {
             "path": str(Path(cfg.model_dir).resolve()),
             "fingerprint": fingerprint,
             "bytes": base_bytes,
         },
-        "adapter_bytes": payload_bytes(arrays),
-        **totals,
-        "sites": dict(sorted(sites.items())),
+        "adapter_bytes": payload_bytes(state.arrays),
+        **state.totals,
+        "sites": dict(sorted(state.sites.items())),
         "site_level_dp": _site_dp_summary(site_dp, dp_wrapper),
         "wall_seconds": round(time.time() - t0, 1),
     }
     write_summary(out / "summary.json", summary)
     return summary
+
+
+def _start(cfg: RunConfig, run_config: dict[str, Any], out: Path, initial: ArrayRecord) -> CoordinatorState:
+    """A fresh run's state, or the interrupted run's from its newest good checkpoint."""
+    if not cfg.resume:
+        if checkpoints(out):
+            raise ConfigError(
+                "run config",
+                [
+                    f"out-dir '{out}' already holds a run's checkpoints: set resume=true to continue it, "
+                    "or choose a new out-dir"
+                ],
+            )
+        (out / "metrics.jsonl").write_text("", encoding="utf-8")
+        totals = {"bytes_down": 0, "bytes_up": 0}
+        return CoordinatorState(uuid.uuid4().hex[:12], 0, initial, run_config, totals=totals)
+    state = latest_checkpoint(out)
+    drift = config_drift(state.run_config, run_config)
+    if drift:
+        raise ConfigError("run config", [*drift, "resume with the interrupted run's run config"])
+    if state.arrays.keys() != initial.keys():
+        raise CheckpointError(f"{out}: the checkpointed adapter's tensors differ from this run's LoRA layout")
+    restore_rng(state.rng)
+    (out / "summary.json").unlink(missing_ok=True)  # the run is in progress again
+    _keep_metrics_until(out / "metrics.jsonl", state.server_round)
+    log.warning(
+        "resuming run %s after round %d of %d", state.run_id, state.server_round, cfg.num_server_rounds
+    )
+    return state
+
+
+def _wait_for_sites(grid: Grid, wanted: int, timeout: float) -> int:
+    """Connected sites, after waiting up to ``timeout`` seconds for ``wanted`` of them."""
+    deadline = time.time() + timeout
+    while (n := len(list(grid.get_node_ids()))) < wanted and time.time() < deadline:
+        time.sleep(1.0)
+    return n
+
+
+def _missing(
+    rnd: int, sent: list[Message], got: list[Message], names: dict[str, str], timeout: float
+) -> list[SiteReply]:
+    """Sites that were asked and never answered (timed out or disconnected)."""
+    answered = {m.metadata.src_node_id for m in got}
+    rows = []
+    for m in sent:
+        node = m.metadata.dst_node_id
+        if node not in answered:
+            site = names.get(str(node), f"node-{node}")
+            reason = f"no reply within round-timeout={timeout:g}s (site down or too slow)"
+            log.warning("round %d: site %s failed: %s", rnd, site, reason)
+            rows.append(SiteReply(node, site, "failed", reason))
+    return rows
+
+
+def _round_line(
+    rnd: int,
+    t0: float,
+    down: int,
+    up: int,
+    updated: bool,
+    train: list[SiteReply],
+    evaluate: list[SiteReply],
+    stopped: str = "",
+) -> dict[str, Any]:
+    line = {
+        "round": rnd,
+        "time": round(time.time() - t0, 2),
+        "bytes_down": down,
+        "bytes_up": up,
+        "updated": updated,
+        "sites": _site_rows(train, evaluate),
+    }
+    return line | ({"stopped": stopped} if stopped else {})
+
+
+def _append_metrics(out: Path, line: dict[str, Any]) -> None:
+    with open(out / "metrics.jsonl", "a", encoding="utf-8") as fh:
+        fh.write(json.dumps(line) + "\n")
+
+
+def _keep_metrics_until(path: Path, last_round: int) -> None:
+    """Drop metrics lines of rounds after the checkpoint (they are run again)."""
+    if not path.is_file():
+        return
+    lines = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    kept = [ln for ln in lines if json.loads(ln).get("round", 0) <= last_round]
+    atomic_write_text(path, "".join(ln + "\n" for ln in kept))
+
+
+def _checkpoint(out: Path, state: CoordinatorState, rnd: int, t0: float, dp_wrapper: Any) -> None:
+    """Record that round ``rnd`` was asked of the sites, and everything needed to go on after it."""
+    spent = dp_wrapper.privacy_spent() if dp_wrapper is not None else None
+    state.server_round = rnd
+    state.elapsed = time.time() - t0
+    state.site_dp_releases = int(spent.num_releases) if spent else 0
+    state.rng = capture_rng()
+    save_checkpoint(out, state)
 
 
 def _site_dp(cfg: RunConfig) -> SiteLevelDP | None:

@@ -10,7 +10,8 @@ clipping), so a receipt is checked against the bytes the site actually sent.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
+import re
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,6 +32,7 @@ from common.arrays import ArraySpec, check_update, payload_bytes, update_sha256
 from common.errors import ConfigError
 
 log = logging.getLogger(__name__)
+SITE_PREFIX = re.compile(r"^\[([A-Za-z0-9_.-]+)\] ")
 
 
 @dataclass
@@ -52,7 +54,9 @@ def describe(msg: Message) -> SiteReply:
     node = msg.metadata.src_node_id
     if msg.has_error():
         reason = msg.error.reason or f"error code {msg.error.code}"
-        return SiteReply(node, f"node-{node}", "failed", reason)
+        named = SITE_PREFIX.match(reason)  # a site's own error replies start with "[name] "
+        site = named.group(1) if named else f"node-{node}"
+        return SiteReply(node, site, "failed", reason[named.end() :] if named else reason)
     content = msg.content
     site = content.config_records.get("site")
     name = str(site.get("name", f"node-{node}")) if site else f"node-{node}"
@@ -81,31 +85,66 @@ class UpdateRules:
     run_id: str
     global_arrays: ArrayRecord | None = None  # the adapter the sites started from (for the norm bound)
     max_update_norm: float = 0.0  # L2 bound on (update - global); 0 = off
+    update_norm_ratio: float = 0.0  # bound relative to the round's median update norm; 0 = off
     max_num_examples: int = 100_000_000
 
 
 def triage_train(
-    server_round: int, replies: Iterable[Message], rules: UpdateRules
+    server_round: int, replies: Iterable[Message], rules: UpdateRules, names: Mapping[str, str] | None = None
 ) -> tuple[list[Message], list[SiteReply]]:
-    """Sort training replies; return the acceptable ones and what every site answered."""
-    accepted: list[Message] = []
+    """Sort training replies; return the acceptable ones and what every site answered.
+
+    ``names`` maps node ids to site names seen in earlier rounds (a crashed site's error
+    reply may not carry its name).
+    """
+    accepted: list[tuple[Message, SiteReply]] = []
     infos: list[SiteReply] = []
-    for msg in replies:
-        info = describe(msg)
+    described = [(m, describe(m)) for m in replies]
+    for _, info in described:
+        if info.site.startswith("node-") and names:
+            info.site = names.get(str(info.node_id), info.site)
+    # sorted by site, so aggregation sums in the same order whatever order replies arrive in
+    for msg, info in sorted(described, key=lambda p: (p[1].site, p[1].node_id)):
         if info.status == "trained":
             problems = check_reply(msg.content.array_records.get("arrays"), info, rules)
             if problems:
                 info.status, info.reason = "rejected", "; ".join(problems)
             else:
-                accepted.append(msg)
+                accepted.append((msg, info))
         elif info.status not in ("refused", "failed"):
             info.status, info.reason = "rejected", f"unknown status '{info.status}'"
+        infos.append(info)
+    accepted = _outliers_rejected(accepted, rules)
+    for info in infos:
         if info.status != "trained":
             log.warning("round %d: site %s %s: %s", server_round, info.site, info.status, info.reason)
-        infos.append(info)
+    rejected = sum(i.status == "rejected" for i in infos)
+    if rejected:
+        log.warning("round %d: %d update(s) rejected", server_round, rejected)
     if not accepted:
         log.warning("round %d: no site update accepted; the global adapter is unchanged", server_round)
-    return accepted, infos
+    return [m for m, _ in accepted], infos
+
+
+def _outliers_rejected(
+    accepted: list[tuple[Message, SiteReply]], rules: UpdateRules
+) -> list[tuple[Message, SiteReply]]:
+    """Reject updates whose norm is over ``update_norm_ratio`` x the round's median (3+ updates)."""
+    if rules.update_norm_ratio <= 0 or rules.global_arrays is None or len(accepted) < 3:
+        return accepted
+    norms = [update_norm(m.content.array_records["arrays"], rules.global_arrays) for m, _ in accepted]
+    bound = rules.update_norm_ratio * float(np.median(norms))
+    kept = []
+    for (msg, info), norm in zip(accepted, norms, strict=True):
+        if norm > bound:
+            info.status = "rejected"
+            info.reason = (
+                f"update norm {norm:.4g} is over update-norm-ratio={rules.update_norm_ratio:g} x the "
+                f"round's median update norm ({bound:.4g})"
+            )
+        else:
+            kept.append((msg, info))
+    return kept
 
 
 def check_reply(arrays: ArrayRecord | None, info: SiteReply, rules: UpdateRules) -> list[str]:

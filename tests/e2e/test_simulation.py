@@ -118,6 +118,7 @@ def test_budget_too_small_is_refused_and_run_ends_cleanly(
         max_epsilon=budget,
         run_config={"noise-multiplier": sigma, "site-dp-noise": 0.5, "site-dp-clip": 5.0},
     )
+    assert summary["status"] == "stopped" and "fewer than min-train-sites=2" in summary["stop_reason"]
     for name, site in summary["sites"].items():
         assert site["rounds_trained"] == 1, name
         assert site["epsilon"] <= budget

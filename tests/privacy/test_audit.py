@@ -122,6 +122,24 @@ def test_round_order_and_commit_references(signed: Any) -> None:
     assert checks(verify_ledgers([path])) == {(2, "order"), (5, "commit")}
 
 
+def test_retry_of_a_crashed_round_verifies_but_a_second_training_does_not(tmp_path: Path) -> None:
+    path = tmp_path / "site-a.jsonl"
+    ledger = PrivacyLedger(path)
+    kw: dict[str, Any] = {"run_id": "run1", "step": STEP, "max_grad_norm": 1.0, "delta": 1e-5}
+    kw |= {"max_epsilon": 10.0, "data_fingerprint": "f" * 64}
+    ledger.reserve(round=1, **kw)  # crashed mid-training: never committed
+    retry = ledger.reserve(round=1, **kw)
+    ledger.commit(reserve_seq=retry["seq"], update_sha256="1" * 64, num_examples=5, metrics={})
+    assert checks(verify_ledgers([path])) == set()
+    entries = ledger.entries()
+    forged = [*entries, {**entries[1], "seq": 3}]  # round 1 reserved again after its commit
+    rewrite(path, forged, None)
+    assert (3, "order") in checks(verify_ledgers([path]))  # (its copied epsilon is also wrong)
+    late = [*entries, {**entries[2], "reserve_seq": 0}]  # the superseded first attempt committed late
+    rewrite(path, late, None)
+    assert checks(verify_ledgers([path])) == {(3, "commit")}
+
+
 def test_receipt_mismatch_and_missing_receipts_file(signed: Any, tmp_path: Path) -> None:
     path, _, _, entries = signed
     entries[3]["update_sha256"] = "0" * 64

@@ -96,13 +96,25 @@ def test_rdp_gated_budget(ledger: PrivacyLedger) -> None:
     assert _reserve(ledger, 0, max_epsilon=1.0)["accountant"] == "prv"
 
 
-def test_duplicate_round_is_refused(ledger: PrivacyLedger) -> None:
-    _reserve(ledger, 0)
-    with pytest.raises(PolicyViolationError, match="already reserved round 0"):
+def test_a_trained_round_is_never_trained_again(ledger: PrivacyLedger) -> None:
+    first = _reserve(ledger, 0)
+    ledger.commit(reserve_seq=first["seq"], update_sha256=SHA, num_examples=10, metrics={})
+    with pytest.raises(PolicyViolationError, match="already trained round 0"):
         _reserve(ledger, 0)
     assert ledger.entries()[-1]["kind"] == "refuse"
     assert _reserve(ledger, 0, run_id="run-2")["kind"] == "reserve"  # another run may train round 0
     assert len(ledger.history()) == 2
+
+
+def test_a_crashed_round_may_be_retried_and_both_reservations_count(ledger: PrivacyLedger) -> None:
+    crashed = _reserve(ledger, 0)  # the process died before committing
+    retry = _reserve(ledger, 0)
+    assert ledger.history() == [STEP, STEP]  # the crashed attempt stays spent
+    assert retry["epsilon"] == pytest.approx(epsilon([STEP, STEP], delta=DELTA))
+    with pytest.raises(LedgerError, match="superseded by a retry"):  # a late commit of the first attempt
+        ledger.commit(reserve_seq=crashed["seq"], update_sha256=SHA, num_examples=10, metrics={})
+    ledger.commit(reserve_seq=retry["seq"], update_sha256=SHA, num_examples=10, metrics={})
+    assert ledger.verify_chain() == []
 
 
 def test_changing_delta_is_refused(ledger: PrivacyLedger) -> None:

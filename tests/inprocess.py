@@ -1,0 +1,74 @@
+"""An in-process Flower ``Grid``: the real ServerApp logic against the real ClientApp handlers.
+
+No SuperLink, no Ray: ``send_and_receive`` calls ``client.client_app.handle_train`` /
+``handle_evaluate`` for each node in turn, so coordinator logic (triage, dropouts,
+checkpoints, resume) is tested with plain function calls in seconds. An exception in a
+handler becomes an error reply, as Flower's ClientApp runtime does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from flwr.app import Context, Error, Message, RecordDict
+from flwr.serverapp import Grid
+from flwr.supercore.task_identity import TaskIdentity
+
+from client.client_app import handle_evaluate, handle_train
+
+
+class InProcessGrid(Grid):
+    """``n`` simulated nodes (partition ids 0..n-1) answering in this process."""
+
+    def __init__(self, n: int, run_config: Mapping[str, Any], down: Iterable[int] = ()) -> None:
+        self.run_config = dict(run_config)
+        TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 0  # as the ServerApp's
+        self.nodes = {1000 + i: i for i in range(n)}
+        self.down = set(down)  # node ids that never answer (timed out)
+        self.contexts = {
+            node: Context(
+                run_id=1, node_id=node, node_config={"partition-id": pid}, state=RecordDict(), run_config={}
+            )
+            for node, pid in self.nodes.items()
+        }
+
+    def set_run(self, run: Any) -> None:
+        """Unused: one run per grid."""
+
+    @property
+    def run(self) -> Any:
+        """Unused."""
+        raise NotImplementedError
+
+    def create_message(self, *args: Any, **kwargs: Any) -> Message:
+        """Unused by the Message-API strategies."""
+        raise NotImplementedError
+
+    def get_node_ids(self) -> Iterable[int]:
+        """All nodes, including those that will not answer."""
+        return list(self.nodes)
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        """Unused."""
+        raise NotImplementedError
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        """Unused."""
+        raise NotImplementedError
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        """Deliver each message to its node's handler and collect the replies."""
+        replies = []
+        for msg in messages:
+            node = msg.metadata.dst_node_id
+            if node in self.down:
+                continue
+            handler = handle_train if msg.metadata.message_type.startswith("train") else handle_evaluate
+            try:
+                replies.append(handler(msg, self.contexts[node], self.run_config))
+            except Exception as exc:  # the ClientApp runtime turns a crash into an error reply
+                replies.append(Message(Error(code=3, reason=f"{type(exc).__name__}: {exc}"), reply_to=msg))
+        return replies
