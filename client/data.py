@@ -101,7 +101,8 @@ def load_records(path: Path, fields: Sequence[str], *, max_chars: int = 20000) -
             str(path), None, f"unsupported file type '{path.suffix}'", "use .jsonl, .csv or .parquet"
         )
     if not path.is_file():
-        raise DataError(str(path), None, "file not found", "check the [data] path in the site policy")
+        problem = "is a folder, not a file" if path.is_dir() else "file not found"
+        raise DataError(str(path), None, problem, "check the [data] path in the site policy")
     reader = {"jsonl": _read_jsonl, "csv": _read_csv, "parquet": _read_parquet}[kind]
     records: list[dict[str, Any]] = []
     for line, rec in reader(path):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -52,6 +53,7 @@ SCRUB_VERSION = "2"  # bump whenever scrubbing output changes: cached scrubbed t
 # truncated or rewritten later disagrees with the coordinator's copy.
 NO_CLIPPING = 1e9  # clip norm of the non-private baseline: no gradient is ever that large
 RECEIPT_FIELDS = ("seq", "hash", "signature", "round", "run_id", "update_sha256")
+MIN_FREE_BYTES = 64 * 2**20  # below this the state dir's disk counts as full
 
 
 @dataclass
@@ -84,8 +86,13 @@ class SiteAgent:
 
     # ----------------------------------------------------------------- data
     def check_state_dir(self) -> None:
-        """Fail before any budget is spent if the state dir cannot be written."""
+        """Fail before any budget is spent if the state dir cannot be written or its disk is full."""
         d = self.policy.state_dir
+        if d.exists() and not d.is_dir():
+            raise ConfigError(
+                str(self.policy.source),
+                [f"[site] state-dir '{d}' is a file, not a folder: point state-dir at a folder"],
+            )
         try:
             d.mkdir(parents=True, exist_ok=True)
             probe = d / ".write-probe"
@@ -99,6 +106,15 @@ class SiteAgent:
                     "give the agent's user write access or point state-dir elsewhere"
                 ],
             ) from None
+        free = shutil.disk_usage(d).free
+        if free < MIN_FREE_BYTES:
+            raise ConfigError(
+                str(self.policy.source),
+                [
+                    f"[site] state-dir '{d}' has {free / 2**20:.1f} MiB free, less than the "
+                    f"{MIN_FREE_BYTES // 2**20} MiB the ledger and caches need: free space before training"
+                ],
+            )
 
     def data(self) -> SiteData:
         """Validated, scrubbed, split site data (cached in memory and in the state dir)."""
@@ -240,6 +256,7 @@ class SiteAgent:
         """Answer one training request: refuse with a reason, or train and reply."""
         pol = self.policy
         data = self.data()
+        self.check_state_dir()  # every round: a disk that filled up since must fail before the reservation
         try:
             model = self._load_global(req, arrays)
             ids, mask, ev_ids, ev_mask = self._tensors_for(req.max_seq_len)
