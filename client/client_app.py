@@ -4,26 +4,39 @@ Reply layout (train): ``arrays`` (LoRA tensors only), ``metrics`` (num-examples,
 epsilon...), ``site`` (name, status, reason) and ``scrub`` (PII counts per entity
 type, never values). A refusal carries no arrays. Errors the site admin must fix
 (bad data, bad policy) come back as Flower error replies naming the file and the fix.
+
+Under SecAgg+ (run config ``secagg``) the coordinator speaks Flower's legacy SecAgg+
+protocol: four train messages per round carrying ``secaggplus_configs``. They go through
+Flower's ``secaggplus_mod``; in its collect stage the very same ``SiteAgent.train_round``
+runs and its update leaves only as a masked, quantized legacy ``FitRes`` (see docs/secagg.md).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
-from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
+from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+from flwr.compat.common import recorddict_compat as compat
 
 from client.policy import load_policy
-from client.site import SiteAgent, get_agent
+from client.site import RoundOutcome, SiteAgent, get_agent
 from common.config import NodeConfig, RunConfig, TrainRequest
-from common.errors import FedtuneError
+from common.errors import FedtuneError, PolicyViolationError
 from common.modeling import set_offline_env
 
 set_offline_env()
 log = logging.getLogger(__name__)
 ERROR_CODE = 4001  # a site-side problem the site admin must fix
+# fitins config key naming the global adapter's tensors in legacy Parameters order (server/secagg.py)
+SECAGG_KEYS = "secagg-keys"
+TrainFn = Callable[[ArrayRecord, TrainRequest], RoundOutcome]
 
 
 def _agent(context: Context, overrides: Mapping[str, Any]) -> SiteAgent:
@@ -37,14 +50,8 @@ def _error(msg: Message, exc: Exception) -> Message:
     return Message(Error(code=ERROR_CODE, reason=str(exc)), reply_to=msg)
 
 
-def handle_train(msg: Message, context: Context, overrides: Mapping[str, Any]) -> Message:
-    """Train one round at this site, or refuse with the reason."""
-    try:
-        agent = _agent(context, overrides)
-        req = TrainRequest.from_record(msg.content.config_records["config"])
-        out = agent.train_round(msg.content.array_records["arrays"], req)
-    except FedtuneError as exc:
-        return _error(msg, exc)
+def reply_records(out: RoundOutcome) -> RecordDict:
+    """The ``metrics``, ``site``, ``scrub`` and ``receipt`` records of a train reply (both paths)."""
     content = RecordDict(
         {
             "metrics": MetricRecord({"num-examples": out.num_examples, "site-weight": 1.0, **out.metrics}),
@@ -56,9 +63,93 @@ def handle_train(msg: Message, context: Context, overrides: Mapping[str, Any]) -
     )
     if out.receipt:
         content["receipt"] = ConfigRecord(dict(out.receipt))
+    return content
+
+
+def handle_train(msg: Message, context: Context, overrides: Mapping[str, Any]) -> Message:
+    """Train one round at this site, or refuse with the reason."""
+
+    def train(arrays: ArrayRecord, req: TrainRequest) -> RoundOutcome:
+        return _agent(context, overrides).train_round(arrays, req)
+
+    return train_reply(msg, context, train)
+
+
+def train_reply(msg: Message, context: Context, train: TrainFn) -> Message:
+    """Answer a train message with ``train``: plain Message API, or a SecAgg+ stage."""
+    if is_secagg(msg):
+        return handle_secagg(msg, context, train)
+    try:
+        req = TrainRequest.from_record(msg.content.config_records["config"])
+        out = train(msg.content.array_records["arrays"], req)
+    except FedtuneError as exc:
+        return _error(msg, exc)
+    content = reply_records(out)
     if out.arrays is not None:
         content["arrays"] = out.arrays
     return Message(content, reply_to=msg)
+
+
+def is_secagg(msg: Message) -> bool:
+    """True for a stage message of Flower's SecAgg+ protocol."""
+    return msg.has_content() and RECORD_KEY_CONFIGS in msg.content.config_records
+
+
+def handle_secagg(msg: Message, context: Context, train: TrainFn) -> Message:
+    """One SecAgg+ stage at this site, run by Flower's ``secaggplus_mod``.
+
+    Only the collect-masked-vectors stage trains (``train``, i.e. ``SiteAgent.train_round``);
+    the mod quantizes, clips to +-clipping-range and masks the returned update before it
+    leaves. Site errors come back as error replies (the coordinator treats them as a dropout).
+    """
+    inside_fit = False
+
+    def fit(m: Message, _: Context) -> Message:
+        nonlocal inside_fit
+        inside_fit = True
+        reply = Message(legacy_fit(m.content, train), reply_to=m)
+        inside_fit = False
+        return reply
+
+    try:
+        return secaggplus_mod(msg, context, fit)
+    except FedtuneError as exc:
+        return _error(msg, exc)
+    except (KeyError, TypeError, ValueError) as exc:  # the mod's own protocol checks
+        if inside_fit:
+            raise
+        return _error(msg, FedtuneError(f"SecAgg+ protocol aborted at this site: {exc}"))
+
+
+def legacy_fit(content: RecordDict, train: TrainFn) -> RecordDict:
+    """Legacy ``FitIns`` in, legacy ``FitRes`` (+ the usual reply records) out.
+
+    The ``FitRes`` parameters are the update *deltas* (trained - global) of the keys the
+    site trains, in the global adapter's order, weighted by num-examples (0 for a refusal,
+    whose delta is zero): the coordinator adds their weighted average to the global adapter.
+    """
+    fitins = compat.recorddict_to_fitins(content, keep_input=True)
+    config = dict(fitins.config)
+    names = str(config.pop(SECAGG_KEYS, "")).split(",")
+    values = parameters_to_ndarrays(fitins.parameters)
+    if len(names) != len(values):
+        raise PolicyViolationError(
+            f"the coordinator's SecAgg+ request names {len(names)} tensors but sends {len(values)}"
+        )
+    global_arrays = ArrayRecord({n: Array(v) for n, v in zip(names, values, strict=True)})
+    req = TrainRequest.from_record(config)
+    out = train(global_arrays, req)
+    keys = req.lora.update_keys(names)
+    if out.arrays is None:
+        deltas = [np.zeros_like(global_arrays[k].numpy()) for k in keys]
+    else:
+        deltas = [out.arrays[k].numpy() - global_arrays[k].numpy() for k in keys]
+    weight = out.num_examples if out.trained else 0
+    fitres = FitRes(Status(Code.OK, out.reason), ndarrays_to_parameters(deltas), weight, {})
+    reply = compat.fitres_to_recorddict(fitres, keep_input=False)
+    for name, record in reply_records(out).items():
+        reply[name] = record
+    return reply
 
 
 def handle_evaluate(msg: Message, context: Context, overrides: Mapping[str, Any]) -> Message:
