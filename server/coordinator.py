@@ -43,6 +43,7 @@ from server.checkpoint import (
     save_checkpoint,
 )
 from server.export import write_adapter, write_summary
+from server.secagg import check_secagg, secagg_train_round
 from server.strategy import (
     SiteLevelDP,
     SiteReply,
@@ -90,6 +91,8 @@ def run_federation(
     update_keys = cfg.lora.update_keys(state.arrays)
     template = {k: v for k, v in spec_of(state.arrays).items() if k in update_keys}
     site_dp = _site_dp(cfg)
+    if cfg.secagg:
+        check_secagg(cfg)
     sites_expected = max(cfg.min_train_sites, len(list(grid.get_node_ids())))
     strategy, dp_wrapper = build_strategy(
         min_sites=cfg.min_train_sites,
@@ -116,23 +119,32 @@ def run_federation(
         arrays = state.arrays
         messages = list(strategy.configure_train(rnd, arrays, ConfigRecord(req.to_record()), grid))
         down = payload_bytes(arrays) * len(messages)
-        replies = list(grid.send_and_receive(messages, timeout=cfg.round_timeout))
         rules = UpdateRules(template, rnd, state.run_id, arrays, cfg.max_update_norm, cfg.update_norm_ratio)
-        accepted, train_infos = triage_train(rnd, replies, rules, state.names)
-        train_infos += _missing(rnd, messages, replies, state.names, cfg.round_timeout)
+        accepted: list[Message] = []
+        summed: ArrayRecord | None = None
+        if cfg.secagg:  # Flower's SecAgg+: only the weighted sum of the updates is seen (server/secagg.py)
+            nodes = [m.metadata.dst_node_id for m in messages]
+            config = ConfigRecord(req.to_record())
+            summed, train_infos = secagg_train_round(grid, cfg, rnd, arrays, config, nodes, names=state.names)
+            n_accepted = sum(r.status == "trained" for r in train_infos) if summed is not None else 0
+        else:
+            replies = list(grid.send_and_receive(messages, timeout=cfg.round_timeout))
+            accepted, train_infos = triage_train(rnd, replies, rules, state.names)
+            train_infos += _missing(rnd, messages, replies, state.names, cfg.round_timeout)
+            n_accepted = len(accepted)
         state.names.update({str(r.node_id): r.site for r in train_infos if not r.site.startswith("node-")})
         for r in train_infos:
             merge_site(state.sites, r, rnd)
         _append_receipts(out / "receipts.jsonl", train_infos)
-        if len(accepted) < cfg.min_train_sites:
+        if n_accepted < cfg.min_train_sites:
             stop_reason = (
-                f"round {rnd}: {len(accepted)} update(s) accepted, fewer than min-train-sites="
+                f"round {rnd}: {n_accepted} update(s) accepted, fewer than min-train-sites="
                 f"{cfg.min_train_sites}; the global adapter stays at round {state.adapter_round}"
             )
             _append_metrics(out, _round_line(rnd, t0, down, 0, False, train_infos, [], stop_reason))
             _checkpoint(out, state, rnd, t0, dp_wrapper)  # round numbers once sent are never reused
             break
-        new_arrays, _ = strategy.aggregate_train(rnd, accepted)
+        new_arrays = summed if cfg.secagg else strategy.aggregate_train(rnd, accepted)[0]
         if new_arrays is not None:  # under FFA-LoRA only B is averaged; A stays the shared init
             arrays = ArrayRecord({**arrays, **new_arrays})
         eval_msgs = list(strategy.configure_evaluate(rnd, arrays, ConfigRecord(req.to_record()), grid))
