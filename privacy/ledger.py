@@ -142,7 +142,8 @@ class PrivacyLedger:
         BudgetExceededError
             The round would exceed ``max_epsilon`` (a ``refuse`` entry is appended).
         PolicyViolationError
-            This run already reserved this round (a ``refuse`` entry is appended).
+            This run already trained (committed) this round (a ``refuse`` entry is appended).
+            A reservation never committed (a crash) may be retried; both count.
         ConfigError
             An invalid argument, or ``delta`` differs from the ledger's (then ``refuse`` is appended).
         LedgerError
