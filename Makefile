@@ -36,7 +36,7 @@ $(WORK)/data/.complete: | $(STAMP)
 
 demo: $(STAMP) $(WORK)/tiny-model/config.json $(WORK)/data/.complete
 	rm -rf $(RUN)
-	$(BIN)/fedtune simulate --sites 3 --rounds 3 --model $(WORK)/tiny-model --data $(WORK)/data --out $(RUN)
+	$(BIN)/fedtune simulate --sites 3 --rounds 12 --model $(WORK)/tiny-model --data $(WORK)/data --out $(RUN)
 	$(BIN)/fedtune audit verify $(RUN)/ledgers/*.jsonl --receipts $(RUN)
 	$(BIN)/fedtune audit report $(RUN) --out $(RUN)/report.html
 	@echo "privacy report: $(CURDIR)/$(RUN)/report.html"

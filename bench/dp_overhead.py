@@ -46,13 +46,14 @@ from typing import Any, cast
 import torch
 
 from client.train import DP_MODES, DPMode, DPPlan, DPStepper, per_sample_loss
-from common.config import LoraSpec
+from common.config import LoraSpec, default_run_config
 from common.modeling import load_base_model, make_peft_model
 from common.tiny import TinySpec, build_tiny_model
 
 RECORDS = 190
 MIN_TOKENS, MAX_TOKENS = 150, 220
 WARMUP_STEPS = 3
+_RUN = default_run_config()
 
 
 @dataclass(frozen=True)
@@ -61,14 +62,15 @@ class BenchConfig:
 
     label: str
     model_dir: str
-    batch_size: int = 16
-    local_steps: int = 20
-    max_seq_len: int = 256
-    lora_rank: int = 8
-    lora_alpha: int = 16
-    targets: tuple[str, ...] = ("q_proj", "v_proj")
-    learning_rate: float = 0.01
-    max_grad_norm: float = 1.0
+    # the demo's defaults (common/config.py), so the bench always measures what a run uses
+    batch_size: int = _RUN["batch-size"]
+    local_steps: int = _RUN["local-steps"]
+    max_seq_len: int = _RUN["max-seq-len"]
+    lora_rank: int = _RUN["lora-rank"]
+    lora_alpha: int = _RUN["lora-alpha"]
+    targets: tuple[str, ...] = tuple(_RUN["lora-targets"].split(","))
+    learning_rate: float = _RUN["learning-rate"]
+    max_grad_norm: float = _RUN["max-grad-norm"]
     noise_multiplier: float = 1.0
     device: str = "cpu"
 

@@ -8,6 +8,7 @@ request is only a request.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -300,8 +301,7 @@ class SiteAgent:
         fault = faults.active(pol.name, req.server_round)
         if fault == "raise":
             raise faults.InjectedFault(f"injected crash at site {pol.name} in round {req.server_round}")
-        seed = None if self.seed is None else self.seed + 7919 * req.server_round
-        stats = train_dp(model, ids, mask, dp, learning_rate=req.learning_rate, seed=seed)
+        stats = train_dp(model, ids, mask, dp, learning_rate=req.learning_rate, seed=self._round_seed(req))
         state = adapter_state(model)
         record = to_record({k: state[k] for k in req.lora.update_keys(state)})
         if fault is not None:
@@ -334,6 +334,13 @@ class SiteAgent:
             scrub_counts=data.scrub_counts,
             receipt=receipt,
         )
+
+    def _round_seed(self, req: TrainRequest) -> int | None:
+        """Testing only: a seed per (run seed, site, round), so sites and rounds draw different noise."""
+        if self.seed is None:
+            return None
+        digest = hashlib.sha256(f"{self.seed}|{self.policy.name}|{req.server_round}".encode()).digest()
+        return int.from_bytes(digest[:7], "big")
 
     def _refusal(self, req: TrainRequest, exc: Exception) -> RoundOutcome:
         pol = self.policy

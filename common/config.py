@@ -125,17 +125,17 @@ def parse_keys(
 
 
 RUN_KEYS: tuple[Key, ...] = (
-    Key("num-server-rounds", int, 3, "an integer >= 1", _pos),
+    Key("num-server-rounds", int, 12, "an integer >= 1", _pos),
     Key("fraction-train", float, 1.0, "a fraction in (0, 1]", _unit),
     Key("min-train-sites", int, 2, "an integer >= 1", _pos),
-    Key("local-steps", int, 20, "an integer >= 1", _pos),
+    Key("local-steps", int, 5, "an integer >= 1", _pos),
     Key("batch-size", int, 16, "an integer >= 1 (expected Poisson batch)", _pos),
-    Key("learning-rate", float, 0.01, "a number > 0", _pos),
+    Key("learning-rate", float, 0.02, "a number > 0", _pos),
     Key("max-grad-norm", float, 1.0, "a number > 0 (per-example clip norm)", _pos),
     Key("noise-multiplier", float, 0.0, "a number >= 0 (0 = each site calibrates)", _nonneg),
     Key("max-seq-len", int, 256, "an integer >= 8", lambda x: x >= 8),
-    Key("lora-rank", int, 8, "an integer >= 1", _pos),
-    Key("lora-alpha", int, 16, "an integer > 0", _pos),
+    Key("lora-rank", int, 16, "an integer >= 1", _pos),
+    Key("lora-alpha", int, 32, "an integer > 0", _pos),
     Key("lora-targets", str, "q_proj,v_proj", "a comma-separated module list", lambda x: bool(x)),
     Key("ffa-lora", bool, False, "true (train and send LoRA B only, A frozen) or false"),
     Key("site-dp-noise", float, 0.0, "a number >= 0 (0 = no site-level DP at the coordinator)", _nonneg),

@@ -115,7 +115,7 @@ def print_summary(summary: dict[str, Any], out: Path) -> None:
 def simulate(
     out: Annotated[Path | None, typer.Option(help="Run folder to create.")] = None,
     sites: Annotated[int, typer.Option(min=1, help="Number of simulated sites.")] = 3,
-    rounds: Annotated[int, typer.Option(min=1, help="Federated rounds.")] = 3,
+    rounds: Annotated[int, typer.Option(min=1, help="Federated rounds.")] = 12,
     model: Annotated[Path | None, typer.Option(help="Local base model folder (default: tiny).")] = None,
     data: Annotated[Path | None, typer.Option(help="Folder with one data file per site.")] = None,
     max_epsilon: Annotated[float, typer.Option(help="Each site's privacy budget.")] = 8.0,

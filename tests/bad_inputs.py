@@ -104,7 +104,7 @@ def _no_permission(d: Path) -> None:
 
 def _drift(d: Path) -> None:
     saved = default_run_config()
-    drift = config_drift(saved, saved | {"learning-rate": 0.05, "lora-rank": 16})
+    drift = config_drift(saved, saved | {"learning-rate": 0.05, "lora-rank": 32})
     raise ConfigError("run config", [*drift, "resume with the interrupted run's run config"])
 
 

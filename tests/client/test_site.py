@@ -237,3 +237,21 @@ def test_non_private_training_needs_the_sites_consent(
     out = agent.train_round(_global(tiny_model), _request(tiny_model, dp=False))  # type: ignore[arg-type]
     assert out.trained and "epsilon" not in out.metrics and out.metrics["noise-multiplier"] == 0.0
     assert [e["kind"] for e in PrivacyLedger(agent.policy.ledger_path).entries()] == ["refuse"]
+
+
+def test_seeded_sites_draw_different_noise(tmp_path: Path, tiny_model: Path, small_data: Path) -> None:
+    """Regression: with one run seed, every site drew the same sampling and noise (no averaging gain)."""
+    updates = []
+    for name in ("s1", "s2"):
+        p = tmp_path / name / "policy.toml"
+        p.parent.mkdir(parents=True)
+        p.write_text(render_policy(name=name, data_path=small_data, model_path=tiny_model), encoding="utf-8")
+        out = SiteAgent(load_policy(p), seed=3).train_round(_global(tiny_model), _request(tiny_model))
+        assert out.arrays is not None
+        updates.append(out.arrays)
+    a, b = updates
+    assert any((a[k].numpy() != b[k].numpy()).any() for k in a)  # same data and seed, different sites
+    again = SiteAgent(load_policy(tmp_path / "s1" / "policy.toml"), seed=3)
+    again.ledger.path.unlink()  # a fresh ledger: the same request may be trained again
+    repeat = again.train_round(_global(tiny_model), _request(tiny_model)).arrays
+    assert repeat is not None and all((repeat[k].numpy() == a[k].numpy()).all() for k in a)  # reproducible

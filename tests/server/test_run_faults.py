@@ -115,7 +115,7 @@ def test_resume_with_a_changed_run_config_is_refused(
 ) -> None:
     cfg, _ = _setup(tmp_path, tiny_model, site_data, 2, **{"num-server-rounds": 1})
     run_federation(InProcessGrid(2, cfg), cfg)
-    with pytest.raises(ConfigError, match=r"'learning-rate' is 0\.5 but the interrupted run used 0\.01"):
+    with pytest.raises(ConfigError, match=r"'learning-rate' is 0\.5 but the interrupted run used 0\.02"):
         run_federation(InProcessGrid(2, cfg), cfg | {"resume": True, "learning-rate": 0.5})
 
 
