@@ -78,7 +78,8 @@ def _fails(s: dict[str, Any], *expected: str) -> str:
 
 def test_a_one_byte_change(signed: dict[str, Any]) -> None:
     lines = _lines(signed)
-    lines[2] = lines[2].replace('"steps":20', '"steps":10')  # round 2 claims fewer DP-SGD steps
+    steps = json.loads(lines[2])["steps"]
+    lines[2] = lines[2].replace(f'"steps":{steps}', f'"steps":{steps - 1}')  # round 2 claims one step less
     _write(signed, lines)
     _fails(signed, r"seq 2 \[chain\]: hash does not match", r"seq 2 \[signature\]")
 

@@ -105,6 +105,7 @@ def test_trimmed_mean_resists_a_sign_flipping_site(
             "sim-policies": ",".join(str(p) for p in policies),
             "aggregation": "trimmed-mean",
             "trim-beta": 0.2,
+            "num-server-rounds": 3,
             "seed": 3,
         }
         if mode == "attacked":

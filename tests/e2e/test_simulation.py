@@ -116,7 +116,12 @@ def test_budget_too_small_is_refused_and_run_ends_cleanly(
         model=tiny_model,
         data=site_data,
         max_epsilon=budget,
-        run_config={"noise-multiplier": sigma, "site-dp-noise": 0.5, "site-dp-clip": 5.0},
+        run_config={
+            "noise-multiplier": sigma,
+            "local-steps": steps,
+            "site-dp-noise": 0.5,
+            "site-dp-clip": 5.0,
+        },
     )
     assert summary["status"] == "stopped" and "fewer than min-train-sites=2" in summary["stop_reason"]
     for name, site in summary["sites"].items():
