@@ -47,7 +47,7 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy common privacy client server fedtune
+	$(BIN)/mypy common privacy client server fedtune tests bench
 
 # Renders the audit report in headless Chromium (Debian package; not needed by `make test`).
 report-screenshot: $(STAMP)

@@ -7,9 +7,11 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+from flwr.app import ArrayRecord
 
 from client.policy import load_policy, render_policy
 from client.site import SiteAgent
@@ -32,14 +34,14 @@ def small_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def _policy(tmp: Path, data: Path, model: Path, **kw: float) -> Path:
+def _policy(tmp: Path, data: Path, model: Path, **kw: Any) -> Path:
     p = tmp / "site" / "policy.toml"
     p.parent.mkdir(parents=True, exist_ok=True)
     p.write_text(render_policy(name="s1", data_path=data, model_path=model, **kw), encoding="utf-8")
     return p
 
 
-def _request(model: Path, rnd: int = 1, rounds: int = 2, **kw: float) -> TrainRequest:
+def _request(model: Path, rnd: int = 1, rounds: int = 2, **kw: Any) -> TrainRequest:
     cfg = RunConfig.from_flower(
         {
             "local-steps": 3,
@@ -54,7 +56,7 @@ def _request(model: Path, rnd: int = 1, rounds: int = 2, **kw: float) -> TrainRe
     return TrainRequest.build(cfg, server_round=rnd, run_id="run1", fingerprint=model_fingerprint(model))
 
 
-def _global(model: Path) -> object:
+def _global(model: Path) -> ArrayRecord:
     with torch.random.fork_rng():
         torch.manual_seed(0)
         return to_record(adapter_state(make_peft_model(load_base_model(model), LORA)))
@@ -62,7 +64,7 @@ def _global(model: Path) -> object:
 
 def test_reply_holds_lora_arrays_only(tmp_path: Path, tiny_model: Path, small_data: Path) -> None:
     agent = SiteAgent(load_policy(_policy(tmp_path, small_data, tiny_model)))
-    out = agent.train_round(_global(tiny_model), _request(tiny_model))  # type: ignore[arg-type]
+    out = agent.train_round(_global(tiny_model), _request(tiny_model))
     assert out.trained and out.arrays is not None
     assert all(".lora_A." in k or ".lora_B." in k for k in out.arrays)
     base = load_base_model(tiny_model)
@@ -79,7 +81,8 @@ def test_noise_below_site_floor_is_refused_and_recorded(
     tmp_path: Path, tiny_model: Path, small_data: Path
 ) -> None:
     agent = SiteAgent(load_policy(_policy(tmp_path, small_data, tiny_model)))
-    out = agent.train_round(_global(tiny_model), _request(tiny_model, **{"noise-multiplier": 0.1}))  # type: ignore[arg-type]
+    low: dict[str, Any] = {"noise-multiplier": 0.1}
+    out = agent.train_round(_global(tiny_model), _request(tiny_model, **low))
     assert not out.trained and out.arrays is None
     assert "min-noise-multiplier" in out.reason
     entries = PrivacyLedger(agent.policy.ledger_path).entries()
@@ -91,7 +94,7 @@ def test_base_model_mismatch_is_refused(tmp_path: Path, tiny_model: Path, small_
     agent = SiteAgent(load_policy(_policy(tmp_path, small_data, tiny_model)))
     req = _request(tiny_model)
     req = TrainRequest(**{**req.__dict__, "base_model_fingerprint": "0" * 64})
-    out = agent.train_round(_global(tiny_model), req)  # type: ignore[arg-type]
+    out = agent.train_round(_global(tiny_model), req)
     assert not out.trained and "base model differs" in out.reason
 
 
@@ -104,7 +107,7 @@ def test_bad_data_fails_before_any_budget_is_spent(
     bad.write_text("\n".join(lines) + "\n", encoding="utf-8")
     agent = SiteAgent(load_policy(_policy(tmp_path, bad, tiny_model)))
     with pytest.raises(DataError) as err:
-        agent.train_round(_global(tiny_model), _request(tiny_model))  # type: ignore[arg-type]
+        agent.train_round(_global(tiny_model), _request(tiny_model))
     assert f"{bad}:7" in str(err.value) and "Fix:" in str(err.value)
     assert not agent.policy.ledger_path.exists()
 
@@ -118,10 +121,10 @@ def test_bad_data_fails_before_any_budget_is_spent(
     ],
 )
 def test_requests_looser_than_the_policy_are_refused(
-    tmp_path: Path, tiny_model: Path, small_data: Path, override: dict[str, float], key: str
+    tmp_path: Path, tiny_model: Path, small_data: Path, override: dict[str, Any], key: str
 ) -> None:
     agent = SiteAgent(load_policy(_policy(tmp_path, small_data, tiny_model)))
-    out = agent.train_round(_global(tiny_model), _request(tiny_model, **override))  # type: ignore[arg-type]
+    out = agent.train_round(_global(tiny_model), _request(tiny_model, **override))
     assert not out.trained and key in out.reason
     assert [e["kind"] for e in PrivacyLedger(agent.policy.ledger_path).entries()] == ["refuse"]
 
@@ -199,7 +202,7 @@ def test_reservation_counts_when_the_site_dies_mid_training(
     step1 = MechanismStep(reserved["noise_multiplier"], reserved["sample_rate"], reserved["steps"])
     out = SiteAgent(load_policy(policy)).train_round(
         _global(tiny_model), _request(tiny_model, rnd=2, rounds=3)
-    )  # type: ignore[arg-type]
+    )
     assert out.trained
     step2 = MechanismStep(
         out.metrics["noise-multiplier"], out.metrics["sample-rate"], int(out.metrics["steps"])
@@ -211,12 +214,12 @@ def test_reservation_counts_when_the_site_dies_mid_training(
 def test_ffa_lora_trains_and_sends_b_only(tmp_path: Path, tiny_model: Path, small_data: Path) -> None:
     agent = SiteAgent(load_policy(_policy(tmp_path, small_data, tiny_model)))
     start = _global(tiny_model)
-    out = agent.train_round(start, _request(tiny_model, **{"ffa-lora": True}))  # type: ignore[arg-type]
+    out = agent.train_round(start, _request(tiny_model, **{"ffa-lora": True}))
     assert out.trained and out.arrays is not None
     assert out.arrays and all(".lora_B." in k for k in out.arrays)
-    assert len(out.arrays) * 2 == len(start)  # type: ignore[arg-type]
+    assert len(out.arrays) * 2 == len(start)
     state = agent._model.state_dict()
-    for key, arr in start.items():  # type: ignore[attr-defined]
+    for key, arr in start.items():
         if ".lora_A." in key:  # A stays the shared initialisation
             local = next(v for k, v in state.items() if k.replace(".default", "") == key)
             assert torch.equal(local, torch.from_numpy(arr.numpy()))
@@ -227,14 +230,14 @@ def test_non_private_training_needs_the_sites_consent(
 ) -> None:
     policy = _policy(tmp_path, small_data, tiny_model)
     agent = SiteAgent(load_policy(policy))
-    out = agent.train_round(_global(tiny_model), _request(tiny_model, dp=False))  # type: ignore[arg-type]
+    out = agent.train_round(_global(tiny_model), _request(tiny_model, dp=False))
     assert not out.trained and "allow-non-private" in out.reason
     policy.write_text(
         render_policy(name="s1", data_path=small_data, model_path=tiny_model, allow_non_private=True),
         encoding="utf-8",
     )
     agent = SiteAgent(load_policy(policy))
-    out = agent.train_round(_global(tiny_model), _request(tiny_model, dp=False))  # type: ignore[arg-type]
+    out = agent.train_round(_global(tiny_model), _request(tiny_model, dp=False))
     assert out.trained and "epsilon" not in out.metrics and out.metrics["noise-multiplier"] == 0.0
     assert [e["kind"] for e in PrivacyLedger(agent.policy.ledger_path).entries()] == ["refuse"]
 

@@ -127,9 +127,9 @@ def test_site_level_dp_clips_each_site_and_accounts_separately() -> None:
     wrapper.current_arrays = to_record(TEMPLATE)  # set by configure_train in a real round
     wrapper._pending_events[1] = None  # no sampling happened in this unit test: aggregate only
     big = _trained(1, 10.0, n=10)
-    big.content["metrics"]["site-weight"] = 1.0
+    big.content.metric_records["metrics"]["site-weight"] = 1.0
     small = _trained(2, 0.01, n=30)
-    small.content["metrics"]["site-weight"] = 1.0
+    small.content.metric_records["metrics"]["site-weight"] = 1.0
     torch.manual_seed(0)
     arrays, _ = strategy.aggregate_train(1, [big, small])
     assert arrays is not None
