@@ -116,16 +116,17 @@ def run_federation(
             )
             break
         req = TrainRequest.build(cfg, server_round=rnd, run_id=state.run_id, fingerprint=fingerprint)
-        arrays = state.arrays
-        messages = list(strategy.configure_train(rnd, arrays, ConfigRecord(req.to_record()), grid))
+        arrays, request = state.arrays, ConfigRecord(req.to_record())
+        messages = list(strategy.configure_train(rnd, arrays, request, grid))
         down = payload_bytes(arrays) * len(messages)
         rules = UpdateRules(template, rnd, state.run_id, arrays, cfg.max_update_norm, cfg.update_norm_ratio)
         accepted: list[Message] = []
         summed: ArrayRecord | None = None
         if cfg.secagg:  # Flower's SecAgg+: only the weighted sum of the updates is seen (server/secagg.py)
             nodes = [m.metadata.dst_node_id for m in messages]
-            config = ConfigRecord(req.to_record())
-            summed, train_infos = secagg_train_round(grid, cfg, rnd, arrays, config, nodes, names=state.names)
+            summed, train_infos = secagg_train_round(
+                grid, cfg, rnd, arrays, request, nodes, names=state.names
+            )
             n_accepted = sum(r.status == "trained" for r in train_infos) if summed is not None else 0
         else:
             replies = list(grid.send_and_receive(messages, timeout=cfg.round_timeout))
@@ -136,24 +137,25 @@ def run_federation(
         for r in train_infos:
             merge_site(state.sites, r, rnd)
         _append_receipts(out / "receipts.jsonl", train_infos)
+        up = sum(r.bytes_up for r in train_infos)
+        state.totals["bytes_up"] += up
         if n_accepted < cfg.min_train_sites:
             stop_reason = (
                 f"round {rnd}: {n_accepted} update(s) accepted, fewer than min-train-sites="
                 f"{cfg.min_train_sites}; the global adapter stays at round {state.adapter_round}"
             )
-            _append_metrics(out, _round_line(rnd, t0, down, 0, False, train_infos, [], stop_reason))
+            state.totals["bytes_down"] += down
+            _append_metrics(out, _round_line(rnd, t0, down, up, False, train_infos, [], stop_reason))
             _checkpoint(out, state, rnd, t0, dp_wrapper)  # round numbers once sent are never reused
             break
         new_arrays = summed if cfg.secagg else strategy.aggregate_train(rnd, accepted)[0]
         if new_arrays is not None:  # under FFA-LoRA only B is averaged; A stays the shared init
             arrays = ArrayRecord({**arrays, **new_arrays})
-        eval_msgs = list(strategy.configure_evaluate(rnd, arrays, ConfigRecord(req.to_record()), grid))
+        eval_msgs = list(strategy.configure_evaluate(rnd, arrays, request, grid))
         down += payload_bytes(arrays) * len(eval_msgs)
         ok, eval_infos = triage_evaluate(rnd, grid.send_and_receive(eval_msgs, timeout=cfg.round_timeout))
         strategy.aggregate_evaluate(rnd, ok)
-        up = sum(r.bytes_up for r in train_infos)
         state.totals["bytes_down"] += down
-        state.totals["bytes_up"] += up
         for r in eval_infos:
             if "eval-loss" in r.metrics:
                 state.sites.setdefault(r.site, {})["eval_loss_after"] = r.metrics["eval-loss"]

@@ -9,6 +9,7 @@ handler becomes an error reply, as Flower's ClientApp runtime does.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Any
 
 from flwr.app import Context, Error, Message, RecordDict
@@ -16,6 +17,22 @@ from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
 from client.client_app import handle_evaluate, handle_train
+from common.config import default_run_config
+from fedtune.simulate import prepare_run
+
+
+def federation(
+    out: Path, model: Path, data: Path, sites: int, **run_config: Any
+) -> tuple[dict[str, Any], list[str]]:
+    """Lay out ``out`` as ``fedtune simulate`` does; return the run config and the site names."""
+    policies = prepare_run(out, sites=sites, model=model, data=data, max_epsilon=8.0, delta=1e-5)
+    cfg = default_run_config() | {
+        "model-dir": str(model),
+        "out-dir": str(out),
+        "sim-policies": ",".join(str(p) for p in policies),
+        **run_config,
+    }
+    return cfg, [p.parent.name for p in policies]
 
 
 class InProcessGrid(Grid):

@@ -14,13 +14,12 @@ import pytest
 from safetensors.numpy import load_file
 from typer.testing import CliRunner
 
-from common.config import default_run_config
 from common.synthdata import write_synthetic_sites
 from fedtune.cli import app
-from fedtune.simulate import prepare_run, resume, simulate
+from fedtune.simulate import resume, simulate
 from privacy.audit import verify_ledgers
 from server.coordinator import run_federation
-from tests.inprocess import InProcessGrid
+from tests.inprocess import InProcessGrid, federation
 
 pytestmark = pytest.mark.slow
 QUICK = {"local-steps": 2, "max-seq-len": 64}
@@ -96,18 +95,10 @@ def test_trimmed_mean_resists_a_sign_flipping_site(
     write_synthetic_sites(data, sites=5, records_per_site=120, seed=1)
     losses: dict[str, dict[str, float]] = {}
     for mode in ("clean", "attacked"):
-        out = tmp_path / mode
-        policies = prepare_run(out, sites=5, model=tiny_model, data=data, max_epsilon=8.0, delta=1e-5)
-        names = [p.parent.name for p in policies]
-        cfg = default_run_config() | {
-            "model-dir": str(tiny_model),
-            "out-dir": str(out),
-            "sim-policies": ",".join(str(p) for p in policies),
-            "aggregation": "trimmed-mean",
-            "trim-beta": 0.2,
-            "num-server-rounds": 3,
-            "seed": 3,
-        }
+        cfg, names = federation(
+            tmp_path / mode, tiny_model, data, 5,
+            **{"aggregation": "trimmed-mean", "trim-beta": 0.2, "num-server-rounds": 3, "seed": 3},
+        )  # fmt: skip
         if mode == "attacked":
             monkeypatch.setenv("FEDTUNE_FAULTS", f"{names[0]}:sign-flip")
         summary = run_federation(InProcessGrid(5, cfg), cfg)

@@ -14,28 +14,17 @@ from typing import Any
 import pytest
 from safetensors.numpy import load_file
 
-from common.config import default_run_config
 from common.errors import ConfigError
-from fedtune.simulate import prepare_run
 from privacy.audit import verify_ledgers
 from privacy.ledger import PrivacyLedger
 from server.coordinator import run_federation
-from tests.inprocess import InProcessGrid
+from tests.inprocess import InProcessGrid, federation
 
 
 def _setup(tmp: Path, model: Path, data: Path, sites: int, **rc: Any) -> tuple[dict[str, Any], list[str]]:
-    out = tmp / "run"
-    policies = prepare_run(out, sites=sites, model=model, data=data, max_epsilon=8.0, delta=1e-5)
-    cfg = default_run_config() | {
-        "model-dir": str(model),
-        "out-dir": str(out),
-        "sim-policies": ",".join(str(p) for p in policies),
-        "local-steps": 2,
-        "max-seq-len": 64,
-        "seed": 11,
-        **rc,
-    }
-    return cfg, [p.parent.name for p in policies]
+    return federation(
+        tmp / "run", model, data, sites, **{"local-steps": 2, "max-seq-len": 64, "seed": 11, **rc}
+    )
 
 
 def _rounds(out: Path) -> list[dict[str, Any]]:
@@ -86,6 +75,9 @@ def test_too_few_sites_stop_the_run_keep_the_checkpoint_and_resume(
     assert (stopped["status"], stopped["rounds"], stopped["adapter_round"]) == ("stopped", 2, 1)
     assert "fewer than min-train-sites=2" in stopped["stop_reason"]
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["round-0001", "round-0002"]
+    lines = _rounds(out)
+    assert lines[1]["bytes_up"] > 0  # the surviving site's update did travel in the stopped round
+    assert stopped["bytes_up"] == sum(r["bytes_up"] for r in lines)
     with pytest.raises(ConfigError, match="set resume=true"):  # a new run may not overwrite it
         run_federation(InProcessGrid(2, cfg), cfg)
 
