@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -144,12 +146,17 @@ def simulate(
                 + (f" eval={ev:.3f}" if ev is not None else "")
             )
         console.print(
-            f"[bold]round {line['round']}/{rounds}[/bold] ({line['time']:.0f}s) " + " | ".join(parts)
+            f"[bold]round {line['round']}/{planned}[/bold] ({line['time']:.0f}s) " + " | ".join(parts)
         )
 
     if (out is None) == (resume is None):
         raise FedtuneError("give either --out RUN_DIR (a new run) or --resume RUN_DIR (continue one)")
+    planned = rounds
     if resume is not None:
+        # a missing or broken simulation.json is reported by resume() itself
+        with contextlib.suppress(OSError, ValueError, LookupError, AttributeError, TypeError):
+            spec = json.loads((resume / "simulation.json").read_text(encoding="utf-8"))
+            planned = spec["overrides"].get("num-server-rounds", rounds)
         console.print(f"resuming {resume} from its last checkpoint ...")
         summary = run_resume(resume, on_round=on_round)
         print_summary(summary, resume)
