@@ -10,7 +10,6 @@ clipping), so a receipt is checked against the bytes the site actually sent.
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,7 +31,6 @@ from common.arrays import ArraySpec, check_update, payload_bytes, update_sha256
 from common.errors import ConfigError
 
 log = logging.getLogger(__name__)
-SITE_PREFIX = re.compile(r"^\[([A-Za-z0-9_.-]+)\] ")
 
 
 @dataclass
@@ -54,9 +52,7 @@ def describe(msg: Message) -> SiteReply:
     node = msg.metadata.src_node_id
     if msg.has_error():
         reason = msg.error.reason or f"error code {msg.error.code}"
-        named = SITE_PREFIX.match(reason)  # a site's own error replies start with "[name] "
-        site = named.group(1) if named else f"node-{node}"
-        return SiteReply(node, site, "failed", reason[named.end() :] if named else reason)
+        return SiteReply(node, f"node-{node}", "failed", reason)  # named from earlier rounds in triage
     content = msg.content
     site = content.config_records.get("site")
     name = str(site.get("name", f"node-{node}")) if site else f"node-{node}"
