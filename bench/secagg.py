@@ -33,8 +33,9 @@ from common.arrays import spec_of
 from common.config import RunConfig, TrainRequest
 from common.modeling import model_fingerprint, set_offline_env
 from server.coordinator import initial_adapter
+from server.registry import SiteRegistry
 from server.secagg import MeteredGrid, secagg_train_round
-from server.strategy import UpdateRules, build_strategy, triage_train
+from server.strategy import Guard, UpdateRules, build_strategy
 
 
 def bench_server(overrides: dict[str, Any], schedule: list[str], rows: list[dict[str, Any]]) -> ServerApp:
@@ -49,7 +50,9 @@ def bench_server(overrides: dict[str, Any], schedule: list[str], rows: list[dict
         keys = cfg.lora.update_keys(arrays)
         template = {k: v for k, v in spec_of(arrays).items() if k in keys}
         n = len(list(grid.get_node_ids()))
-        strategy, _ = build_strategy(min_sites=n, fraction_train=1.0, sites_expected=n, site_dp=None)
+        inner, _ = build_strategy(min_sites=n, fraction_train=1.0, sites_expected=n, site_dp=None)
+        rules = UpdateRules(template, "bench-secagg", cfg.max_update_norm)
+        strategy = Guard(inner, rules, SiteRegistry(None, {}, {}))
         for rnd, mode in enumerate(schedule, start=1):
             req = TrainRequest.build(cfg, server_round=rnd, run_id="bench-secagg", fingerprint=fingerprint)
             config = ConfigRecord(req.to_record())
@@ -61,9 +64,8 @@ def bench_server(overrides: dict[str, Any], schedule: list[str], rows: list[dict
                 new, infos = secagg_train_round(metered, cfg, rnd, arrays, config, nodes)
             else:
                 replies = list(metered.send_and_receive(messages, timeout=cfg.round_timeout))
-                rules = UpdateRules(template, rnd, "bench-secagg", arrays, cfg.max_update_norm)
-                accepted, infos = triage_train(rnd, replies, rules)
-                new, _ = strategy.aggregate_train(rnd, accepted)
+                new, _ = strategy.aggregate_train(rnd, replies)
+                infos = strategy.rows
             seconds = time.perf_counter() - t0
             if new is not None:
                 arrays = ArrayRecord({**arrays, **new})

@@ -1,9 +1,14 @@
 """ClientApp wiring: Flower messages in, ``SiteAgent`` calls, Flower messages out.
 
 Reply layout (train): ``arrays`` (LoRA tensors only), ``metrics`` (num-examples, loss,
-epsilon...), ``site`` (name, status, reason) and ``scrub`` (PII counts per entity
-type, never values). A refusal carries no arrays. Errors the site admin must fix
-(bad data, bad policy) come back as Flower error replies naming the file and the fix.
+epsilon...), ``site`` (name, status, reason, the ledger's public key), ``scrub`` (PII counts
+per entity type, never values) and ``receipt`` (the ledger entry that answered the request,
+as written and signed, under ``entry``). A refusal carries no arrays. Errors the site admin
+must fix (bad data, bad policy, a ledger that fails its checks) come back as Flower error
+replies naming the file and the fix.
+
+The site reads nothing of the coordinator's run config but ``sim-policies`` (simulation only:
+which policy a simulated node runs); everything else comes in the request, checked by the site.
 
 Under SecAgg+ (run config ``secagg``) the coordinator speaks Flower's legacy SecAgg+
 protocol: four train messages per round carrying ``secaggplus_configs``. They go through
@@ -13,6 +18,7 @@ runs and its update leaves only as a masked, quantized legacy ``FitRes`` (see do
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -27,8 +33,8 @@ from flwr.compat.common import recorddict_compat as compat
 
 from client.policy import load_policy
 from client.site import RoundOutcome, SiteAgent, get_agent
-from common.config import NodeConfig, RunConfig, TrainRequest
-from common.errors import FedtuneError, PolicyViolationError
+from common.config import NodeConfig, TrainRequest
+from common.errors import ConfigError, FedtuneError, PolicyViolationError
 from common.modeling import set_offline_env
 
 set_offline_env()
@@ -36,13 +42,13 @@ log = logging.getLogger(__name__)
 ERROR_CODE = 4001  # a site-side problem the site admin must fix
 # fitins config key naming the global adapter's tensors in legacy Parameters order (server/secagg.py)
 SECAGG_KEYS = "secagg-keys"
-TrainFn = Callable[[ArrayRecord, TrainRequest], RoundOutcome]
+TrainFn = Callable[[ArrayRecord, Mapping[str, Any]], RoundOutcome]
 
 
 def _agent(context: Context, overrides: Mapping[str, Any]) -> SiteAgent:
-    run = RunConfig.from_flower({**context.run_config, **overrides})
-    node = NodeConfig.from_flower(context.node_config, run)
-    return get_agent(load_policy(node.policy), seed=run.seed if run.seed >= 0 else None)
+    sim = {**context.run_config, **overrides}.get("sim-policies", "")
+    node = NodeConfig.from_flower(context.node_config, sim if isinstance(sim, str) else "")
+    return get_agent(load_policy(node.policy))
 
 
 def _error(msg: Message, exc: Exception) -> Message:
@@ -52,25 +58,28 @@ def _error(msg: Message, exc: Exception) -> Message:
 
 def reply_records(out: RoundOutcome) -> RecordDict:
     """The ``metrics``, ``site``, ``scrub`` and ``receipt`` records of a train reply (both paths)."""
+    status = "trained" if out.trained else "refused"
     content = RecordDict(
         {
-            "metrics": MetricRecord({"num-examples": out.num_examples, "site-weight": 1.0, **out.metrics}),
+            "metrics": MetricRecord({"num-examples": out.num_examples, **out.metrics}),
             "site": ConfigRecord(
-                {"name": out.site, "status": "trained" if out.trained else "refused", "reason": out.reason}
+                {"name": out.site, "status": status, "reason": out.reason, "key": out.public_key}
             ),
             "scrub": ConfigRecord(dict(out.scrub_counts)),
         }
     )
     if out.receipt:
-        content["receipt"] = ConfigRecord(dict(out.receipt))
+        content["receipt"] = ConfigRecord(
+            {"entry": json.dumps(out.receipt, sort_keys=True, separators=(",", ":"))}
+        )
     return content
 
 
 def handle_train(msg: Message, context: Context, overrides: Mapping[str, Any]) -> Message:
     """Train one round at this site, or refuse with the reason."""
 
-    def train(arrays: ArrayRecord, req: TrainRequest) -> RoundOutcome:
-        return _agent(context, overrides).train_round(arrays, req)
+    def train(arrays: ArrayRecord, request: Mapping[str, Any]) -> RoundOutcome:
+        return _agent(context, overrides).train_round(arrays, request)
 
     return train_reply(msg, context, train)
 
@@ -80,8 +89,12 @@ def train_reply(msg: Message, context: Context, train: TrainFn) -> Message:
     if is_secagg(msg):
         return handle_secagg(msg, context, train)
     try:
-        req = TrainRequest.from_record(msg.content.config_records["config"])
-        out = train(msg.content.array_records["arrays"], req)
+        config, arrays = msg.content.config_records.get("config"), msg.content.array_records.get("arrays")
+        if config is None or arrays is None:
+            raise PolicyViolationError(
+                "the coordinator's train message lacks its 'config' or 'arrays' record"
+            )
+        out = train(arrays, dict(config))
     except FedtuneError as exc:
         return _error(msg, exc)
     content = reply_records(out)
@@ -137,9 +150,11 @@ def legacy_fit(content: RecordDict, train: TrainFn) -> RecordDict:
             f"the coordinator's SecAgg+ request names {len(names)} tensors but sends {len(values)}"
         )
     global_arrays = ArrayRecord({n: Array(v) for n, v in zip(names, values, strict=True)})
-    req = TrainRequest.from_record(config)
-    out = train(global_arrays, req)
-    keys = req.lora.update_keys(names)
+    out = train(global_arrays, config)
+    try:
+        keys = TrainRequest.from_record(config).lora.update_keys(names)
+    except ConfigError:  # refused by the site already: a zero delta of every tensor
+        keys = names
     if out.arrays is None:
         deltas = [np.zeros_like(global_arrays[k].numpy()) for k in keys]
     else:
@@ -156,16 +171,19 @@ def handle_evaluate(msg: Message, context: Context, overrides: Mapping[str, Any]
     """Held-out loss of the global adapter at this site."""
     try:
         agent = _agent(context, overrides)
-        req = TrainRequest.from_record(msg.content.config_records["config"])
-        arrays = msg.content.array_records["arrays"]
-        loss, n = agent.evaluate(arrays, req)
+        config, arrays = msg.content.config_records.get("config"), msg.content.array_records.get("arrays")
+        if config is None or arrays is None:
+            raise PolicyViolationError(
+                "the coordinator's evaluate message lacks its 'config' or 'arrays' record"
+            )
+        loss, n = agent.evaluate(arrays, dict(config))
     except FedtuneError as exc:
         return _error(msg, exc)
     return Message(
         RecordDict(
             {
-                "metrics": MetricRecord({"eval-loss": loss, "num-examples": n, "site-weight": 1.0}),
-                "site": ConfigRecord({"name": agent.policy.name}),
+                "metrics": MetricRecord({"eval-loss": loss, "num-examples": n}),
+                "site": ConfigRecord({"name": agent.policy.name, "status": "evaluated"}),
             }
         ),
         reply_to=msg,

@@ -3,7 +3,7 @@
 Nothing is silently dropped: the first bad record stops the pipeline with its file,
 line and a fix, before any budget is spent. Scrubbed text is cached in the site's
 state dir (keyed by the raw file's hash and the scrub settings) so rounds after the
-first skip the slow NER pass.
+first skip the slow NER pass (:func:`load_site_data`).
 """
 
 from __future__ import annotations
@@ -17,9 +17,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from common.errors import DataError
+from common.fsutil import atomic_write_text, file_sha256
 
 if TYPE_CHECKING:
     import torch
+
+    from client.policy import SitePolicy
+
+SCRUB_VERSION = "2"  # bump whenever scrubbing output changes: cached scrubbed text is then redone
 
 FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".parquet": "parquet"}
 
@@ -56,6 +61,10 @@ def _read_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
                     lineno,
                     f"not valid JSON ({exc.msg} at column {exc.colno})",
                     "fix or remove this line; each line must be one JSON object",
+                ) from None
+            except RecursionError:
+                raise DataError(
+                    str(path), lineno, "JSON nested too deeply", "each line must be one flat JSON object"
                 ) from None
 
 
@@ -130,6 +139,16 @@ def load_records(path: Path, fields: Sequence[str], *, max_chars: int = 20000) -
                     f"field '{f}' is empty or not text",
                     "give it a non-empty string or remove the record",
                 )
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise DataError(
+                    str(path),
+                    line,
+                    f"field '{f}' holds an invalid character at position {exc.start} (an unpaired "
+                    f"UTF-16 surrogate such as \\u{ord(value[exc.start]):04x})",
+                    "re-export the record as valid Unicode text",
+                ) from None
             size += len(value)
         if size > max_chars:
             raise DataError(
@@ -202,3 +221,46 @@ def tokenize(texts: Sequence[str], tokenizer: Any, max_len: int) -> tuple[torch.
         return_tensors="pt",
     )
     return enc["input_ids"].to(torch.long), enc["attention_mask"].to(torch.long)
+
+
+def load_site_data(pol: SitePolicy) -> SiteData:
+    """Validate, scrub (cached in the state dir by file hash and scrub settings) and split a site's data."""
+    from client.policy import scrub_config
+    from privacy.pii import get_scrubber
+
+    records = load_records(pol.data_path, pol.text_fields, max_chars=pol.max_record_chars)
+    scrub_cfg = scrub_config(pol)
+    settings = (
+        file_sha256(pol.data_path), ",".join(pol.text_fields), scrub_cfg.spacy_model, scrub_cfg.operator,
+        json.dumps(sorted(dict(scrub_cfg.entity_operators).items())), str(scrub_cfg.keep_date_year),
+        fingerprint([scrub_cfg.pseudonym_key.decode("latin-1")]) if scrub_cfg.pseudonym_key else "",
+        SCRUB_VERSION,
+    )  # fmt: skip
+    cache = pol.state_dir / "scrub" / f"{fingerprint(settings)[:32]}.json"
+    cached = _read_cache(cache)
+    if cached is not None:
+        texts, counts, touched = cached["texts"], cached["counts"], cached["records_touched"]
+    else:
+        scrubber = get_scrubber(scrub_cfg)
+        clean, report = scrubber.scrub_records(records, pol.text_fields)
+        texts = [format_example(r, pol.text_fields) for r in clean]
+        counts, touched = dict(report.counts), report.records_touched
+        atomic_write_text(cache, json.dumps({"texts": texts, "counts": counts, "records_touched": touched}))
+        # the privacy office's view: counts per entity type, never values
+        atomic_write_text(pol.state_dir / "scrub-report.json", json.dumps(report.to_dict(), indent=2))
+    train, held = split_texts(texts, pol.eval_fraction)
+    return SiteData(tuple(train), tuple(held), fingerprint(train), counts, touched)
+
+
+def _read_cache(path: Path) -> dict[str, Any] | None:
+    """A scrub cache file, or ``None`` when absent or unusable (then the data is scrubbed again)."""
+    try:
+        cached = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+        return None
+    ok = (
+        isinstance(cached, dict)
+        and isinstance(cached.get("texts"), list)
+        and isinstance(cached.get("counts"), dict)
+    )
+    return cached if ok and isinstance(cached.get("records_touched"), int) else None

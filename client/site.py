@@ -1,40 +1,44 @@
-"""The site agent below the Flower layer: one round of policy check, budget, DP training.
+"""The site agent below the Flower layer: one explicit recipe per training request.
 
-``SiteAgent`` holds what is slow to build (scrubbed data, tokenizer, model) for the life
-of a process. Every decision that protects the site -- model identity, noise floor,
-budget -- is taken here, from the site's own policy and ledger; the coordinator's
-request is only a request.
+Lifecycle. Set up once per process (lazily, cached): policy, signing key, ledger, data, tokenizer,
+model. Each request then runs, in this order, and stops at the first step that says no:
+
+1. **parse** the request: every key present, every value in its domain (``TrainRequest``);
+2. **ledger continuity**: the ledger verifies, reaches its head record and holds the last entry the
+   coordinator saw (otherwise the site stops with an error: it never writes to a ledger it cannot trust);
+3. **check** the request against the site: policy ceilings, base model, LoRA layout, the global adapter
+   (shapes, dtypes, finite, a finite held-out loss);
+4. **budget gate** (``privacy.budget``) inside a ledger transaction: reserve (write-ahead), or refuse;
+5. **train** with DP-SGD; an update that is not finite is never sent (``abort``, its epsilon stays spent);
+6. **commit** and reply with the committed entry as the receipt.
+
+A request refused at steps 1, 3 or 4 is recorded in the ledger as a ``refuse`` entry and never reaches a
+reservation. The coordinator's request is only a request: every decision here comes from the site's
+own policy and ledger.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
+import math
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord
 
 from client import faults
-from client.data import (
-    SiteData,
-    fingerprint,
-    format_example,
-    load_records,
-    split_texts,
-    tokenize,
-)
-from client.policy import SitePolicy, scrub_config
+from client.data import SiteData, load_site_data, tokenize
+from client.policy import SitePolicy
 from client.train import DPPlan, evaluate_loss, train_dp
-from common.arrays import to_record, to_state, update_sha256
+from common.arrays import check_update, spec_of, to_record, to_state, update_sha256
 from common.config import LoraSpec, TrainRequest
 from common.errors import BudgetExceededError, ConfigError, PolicyViolationError
-from common.fsutil import atomic_write_text, file_sha256
 from common.modeling import (
     adapter_state,
     load_adapter_state,
@@ -43,23 +47,20 @@ from common.modeling import (
     make_peft_model,
     model_fingerprint,
 )
-from privacy.accounting import MechanismStep, calibrate_noise, epsilon
-from privacy.keys import load_signer
-from privacy.ledger import PrivacyLedger
-from privacy.pii import get_scrubber
+from privacy.budget import RoundRequest, admit
+from privacy.keys import SigningKey, load_signing_key
+from privacy.ledger import LedgerState, PrivacyLedger
+from privacy.ledger_entries import Entry, Reserve
 
 log = logging.getLogger(__name__)
-SCRUB_VERSION = "2"  # bump whenever scrubbing output changes: cached scrubbed text is then redone
-# The commit entry's fields a site returns as its receipt; the coordinator keeps them, so a site ledger
-# truncated or rewritten later disagrees with the coordinator's copy.
 NO_CLIPPING = 1e9  # clip norm of the non-private baseline: no gradient is ever that large
-RECEIPT_FIELDS = ("seq", "hash", "signature", "round", "run_id", "update_sha256")
 MIN_FREE_BYTES = 64 * 2**20  # below this the state dir's disk counts as full
+REFUSALS = (PolicyViolationError, BudgetExceededError, ConfigError)
 
 
 @dataclass
 class RoundOutcome:
-    """A site's answer to one training request."""
+    """A site's answer to one training request; ``receipt`` is the ledger entry that answered it."""
 
     site: str
     trained: bool
@@ -69,30 +70,36 @@ class RoundOutcome:
     metrics: dict[str, float] = field(default_factory=dict)
     scrub_counts: dict[str, int] = field(default_factory=dict)
     receipt: dict[str, Any] = field(default_factory=dict)
+    public_key: str = ""
 
 
 class SiteAgent:
-    """One site's long-lived state in a process (data, model, ledger)."""
+    """One site's long-lived state in a process (policy, key, ledger, data, model)."""
 
-    def __init__(self, policy: SitePolicy, *, seed: int | None = None) -> None:
+    def __init__(self, policy: SitePolicy) -> None:
         self.policy = policy
-        self.seed = seed
-        self.ledger = PrivacyLedger(policy.ledger_path, signer=_signer(policy))
+        self.key: SigningKey | None = _signing_key(policy)
+        self.ledger = PrivacyLedger(
+            policy.ledger_path,
+            signer=self.key.sign if self.key else None,
+            head_path=policy.ledger_head,
+            site=policy.name,
+        )
         self._data: SiteData | None = None
         self._model: Any = None
         self._lora: LoraSpec | None = None
+        self._template: dict[str, Any] = {}
         self._tokenizer: Any = None
         self._fingerprint: str | None = None
         self._tensors: dict[int, tuple[torch.Tensor, ...]] = {}
 
-    # ----------------------------------------------------------------- data
+    # ---------------------------------------------------------------- setup (cached)
     def check_state_dir(self) -> None:
         """Fail before any budget is spent if the state dir cannot be written or its disk is full."""
-        d = self.policy.state_dir
+        d, src = self.policy.state_dir, str(self.policy.source)
         if d.exists() and not d.is_dir():
             raise ConfigError(
-                str(self.policy.source),
-                [f"[site] state-dir '{d}' is a file, not a folder: point state-dir at a folder"],
+                src, [f"[site] state-dir '{d}' is a file, not a folder: point state-dir at a folder"]
             )
         try:
             d.mkdir(parents=True, exist_ok=True)
@@ -100,17 +107,14 @@ class SiteAgent:
             probe.write_text("ok", encoding="utf-8")
             probe.unlink()
         except OSError as exc:
+            fix = "give the agent's user write access or point state-dir elsewhere"
             raise ConfigError(
-                str(self.policy.source),
-                [
-                    f"[site] state-dir '{d}' is not writable ({exc.strerror}): "
-                    "give the agent's user write access or point state-dir elsewhere"
-                ],
+                src, [f"[site] state-dir '{d}' is not writable ({exc.strerror}): {fix}"]
             ) from None
         free = shutil.disk_usage(d).free
         if free < MIN_FREE_BYTES:
             raise ConfigError(
-                str(self.policy.source),
+                src,
                 [
                     f"[site] state-dir '{d}' has {free / 2**20:.1f} MiB free, less than the "
                     f"{MIN_FREE_BYTES // 2**20} MiB the ledger and caches need: free space before training"
@@ -119,37 +123,11 @@ class SiteAgent:
 
     def data(self) -> SiteData:
         """Validated, scrubbed, split site data (cached in memory and in the state dir)."""
-        if self._data is not None:
-            return self._data
-        pol = self.policy
-        self.check_state_dir()
-        records = load_records(pol.data_path, pol.text_fields, max_chars=pol.max_record_chars)
-        scrub_cfg = scrub_config(pol)
-        settings = (
-            file_sha256(pol.data_path), ",".join(pol.text_fields), scrub_cfg.spacy_model, scrub_cfg.operator,
-            json.dumps(sorted(dict(scrub_cfg.entity_operators).items())), str(scrub_cfg.keep_date_year),
-            fingerprint([scrub_cfg.pseudonym_key.decode("latin-1")]) if scrub_cfg.pseudonym_key else "",
-            SCRUB_VERSION,
-        )  # fmt: skip
-        cache = pol.state_dir / "scrub" / f"{fingerprint(settings)[:32]}.json"
-        if cache.is_file():
-            cached = json.loads(cache.read_text(encoding="utf-8"))
-            texts, counts, touched = cached["texts"], cached["counts"], cached["records_touched"]
-        else:
-            scrubber = get_scrubber(scrub_cfg)
-            clean, report = scrubber.scrub_records(records, pol.text_fields)
-            texts = [format_example(r, pol.text_fields) for r in clean]
-            counts, touched = dict(report.counts), report.records_touched
-            atomic_write_text(
-                cache, json.dumps({"texts": texts, "counts": counts, "records_touched": touched})
-            )
-            # the privacy office's view: counts per entity type, never values
-            atomic_write_text(pol.state_dir / "scrub-report.json", json.dumps(report.to_dict(), indent=2))
-        train, held = split_texts(texts, pol.eval_fraction)
-        self._data = SiteData(tuple(train), tuple(held), fingerprint(train), counts, touched)
+        if self._data is None:
+            self.check_state_dir()
+            self._data = load_site_data(self.policy)
         return self._data
 
-    # ---------------------------------------------------------------- model
     def model_fingerprint(self) -> str:
         """Fingerprint of the site's local base model."""
         if self._fingerprint is None:
@@ -159,8 +137,16 @@ class SiteAgent:
     def _peft(self, lora: LoraSpec) -> Any:
         if self._model is None or self._lora != lora:
             base = load_base_model(self.policy.model_path)
-            self._model = make_peft_model(base, lora)
+            try:
+                with torch.random.fork_rng():
+                    self._model = make_peft_model(base, lora)
+            except ValueError as exc:  # PEFT: a target module the base model does not have
+                self._model, self._lora = None, None
+                raise PolicyViolationError(
+                    f"the requested LoRA layout does not fit the base model: {exc}"
+                ) from None
             self._lora = lora
+            self._template = spec_of(to_record(adapter_state(self._model)))
         if self._tokenizer is None:
             self._tokenizer = load_tokenizer(self.policy.model_path)
         return self._model
@@ -168,12 +154,28 @@ class SiteAgent:
     def _tensors_for(self, max_len: int) -> tuple[torch.Tensor, ...]:
         if max_len not in self._tensors:
             d = self.data()
-            tr = tokenize(d.train, self._tokenizer, max_len)
-            ev = tokenize(d.eval, self._tokenizer, max_len)
-            self._tensors[max_len] = (*tr, *ev)
+            self._tensors[max_len] = (
+                *tokenize(d.train, self._tokenizer, max_len),
+                *tokenize(d.eval, self._tokenizer, max_len),
+            )
         return self._tensors[max_len]
 
+    # ---------------------------------------------------------------- step 3: the request vs the site
     def _load_global(self, req: TrainRequest, arrays: ArrayRecord) -> Any:
+        """The site's model holding the coordinator's global adapter, after checking both."""
+        pol = self.policy
+        broken = []
+        if req.learning_rate > pol.max_learning_rate:
+            broken.append(
+                f"learning rate {req.learning_rate:g} is above the site's max-learning-rate "
+                f"{pol.max_learning_rate:g}"
+            )
+        if req.max_seq_len > pol.max_seq_len:
+            broken.append(f"max-seq-len {req.max_seq_len} is above the site's max-seq-len {pol.max_seq_len}")
+        if req.lora_rank > pol.max_lora_rank:
+            broken.append(f"LoRA rank {req.lora_rank} is above the site's max-lora-rank {pol.max_lora_rank}")
+        if broken:
+            raise PolicyViolationError("; ".join(broken) + ": the site refuses")
         if req.base_model_fingerprint != self.model_fingerprint():
             raise PolicyViolationError(
                 "the coordinator's base model differs from this site's [model] path "
@@ -181,188 +183,163 @@ class SiteAgent:
                 "install the same base model at the site"
             )
         model = self._peft(req.lora)
+        positions = getattr(model.config, "max_position_embeddings", None)
+        if isinstance(positions, int) and req.max_seq_len > positions:
+            raise PolicyViolationError(
+                f"max-seq-len {req.max_seq_len} exceeds the base model's {positions} positions"
+            )
+        problems = check_update(arrays, self._template)
+        if problems:
+            raise PolicyViolationError("the global adapter is malformed: " + "; ".join(problems[:3]))
         try:
             load_adapter_state(model, to_state(arrays))
         except (ValueError, RuntimeError) as exc:
             raise PolicyViolationError(f"the global adapter does not fit the base model: {exc}") from None
         return model
 
-    # --------------------------------------------------------------- rounds
-    def plan(self, req: TrainRequest, n_train: int) -> DPPlan:
-        """The round's DP mechanism: requested noise (checked) or calibrated to the budget.
-
-        Calibration spreads the remaining budget over the remaining planned rounds; later
-        rounds of the same run reuse the calibrated noise, so every round of a run shares
-        one mechanism (and the accountant stays fast).
-        """
+    # ---------------------------------------------------------------- the round
+    def train_round(self, arrays: ArrayRecord, request: TrainRequest | Mapping[str, Any]) -> RoundOutcome:
+        """Answer one training request: refuse with a recorded reason, or train and reply."""
         pol = self.policy
-        q = min(1.0, req.batch_size / n_train)
-        limits = [
-            (
-                q > pol.max_sample_rate,
-                f"sample rate {q:.4g} (batch-size {req.batch_size} / {n_train} "
-                f"records) is above the site's max-sample-rate {pol.max_sample_rate:g}",
-            ),
-            (
-                req.max_grad_norm > pol.max_grad_norm,
-                f"clip norm {req.max_grad_norm:g} is above the site's max-grad-norm {pol.max_grad_norm:g}",
-            ),
-            (
-                req.local_steps > pol.max_steps_per_round,
-                f"{req.local_steps} local steps are above the "
-                f"site's max-steps-per-round {pol.max_steps_per_round}",
-            ),
-        ]
-        broken = [why for bad, why in limits if bad]
-        if broken:
-            raise PolicyViolationError("; ".join(broken) + ": the site refuses")
-        if not req.dp:
-            if not pol.allow_non_private:
-                raise PolicyViolationError(
-                    "the coordinator asked for training WITHOUT differential privacy and the site's "
-                    "[privacy] allow-non-private is false: the site refuses"
-                )
-            # same sampling, loss and optimizer as DP-SGD; no clipping, no noise, no budget spent
-            return DPPlan(0.0, q, req.local_steps, NO_CLIPPING, req.batch_size)
-        if req.noise_multiplier > 0:
-            if req.noise_multiplier < pol.min_noise_multiplier:
-                raise PolicyViolationError(
-                    f"requested noise multiplier {req.noise_multiplier:g} is below the site's "
-                    f"min-noise-multiplier {pol.min_noise_multiplier:g}: the site refuses"
-                )
-            return DPPlan(req.noise_multiplier, q, req.local_steps, req.max_grad_norm, req.batch_size)
-        for e in reversed(self.ledger.entries()):
-            if (
-                e.get("kind") == "reserve"
-                and e.get("run_id") == req.run_id
-                and e.get("sample_rate") == q
-                and e.get("steps") == req.local_steps
-            ):
-                sigma = float(e["noise_multiplier"])
-                break
-        else:
-            sigma = calibrate_noise(
-                history=self.ledger.history(),
-                target_epsilon=pol.max_epsilon,
-                delta=pol.delta,
-                sample_rate=q,
-                steps=req.local_steps,
-                rounds=max(1, req.num_rounds - req.server_round + 1),
-                accountant=pol.accountant,
-            )
-        sigma = max(sigma, pol.min_noise_multiplier)
-        return DPPlan(sigma, q, req.local_steps, req.max_grad_norm, req.batch_size)
-
-    def train_round(self, arrays: ArrayRecord, req: TrainRequest) -> RoundOutcome:
-        """Answer one training request: refuse with a reason, or train and reply."""
-        pol = self.policy
-        data = self.data()
         self.check_state_dir()  # every round: a disk that filled up since must fail before the reservation
+        try:
+            req = request if isinstance(request, TrainRequest) else TrainRequest.from_record(request)
+        except ConfigError as exc:
+            rnd, run = TrainRequest.salvage(request if isinstance(request, Mapping) else {})
+            return self._refuse(rnd, run, exc)
+        data = self.data()
+        self.ledger.state(expect=(req.ledger_seq, req.ledger_hash))  # LedgerError: stop, write nothing
         try:
             model = self._load_global(req, arrays)
             ids, mask, ev_ids, ev_mask = self._tensors_for(req.max_seq_len)
-            dp = self.plan(req, len(data.train))
-        except (BudgetExceededError, PolicyViolationError) as exc:
-            self.ledger.record_refusal(round=req.server_round, run_id=req.run_id, reason=str(exc))
-            return self._refusal(req, exc)
-        eval_before = evaluate_loss(model, ev_ids, ev_mask)
-        if not req.dp:
-            log.warning("site %s trains round %d WITHOUT differential privacy", pol.name, req.server_round)
-            return self._finish(req, model, ids, mask, dp, eval_before, arrays, entry=None)
+            eval_before = evaluate_loss(model, ev_ids, ev_mask)
+            if not math.isfinite(eval_before):
+                raise PolicyViolationError(
+                    "the global adapter gives a non-finite held-out loss: the site refuses it"
+                )
+        except REFUSALS as exc:
+            return self._refuse(req.server_round, req.run_id, exc)
+        ask = RoundRequest(
+            run_id=req.run_id,
+            round=req.server_round,
+            num_rounds=req.num_rounds,
+            sample_rate=min(1.0, req.batch_size / len(data.train)),
+            steps=req.local_steps,
+            max_grad_norm=req.max_grad_norm,
+            noise_multiplier=req.noise_multiplier,
+            private=req.dp,
+            seeded=req.seed >= 0,
+        )
         try:
-            entry = self.ledger.reserve(
-                round=req.server_round,
-                run_id=req.run_id,
-                step=MechanismStep(dp.noise_multiplier, dp.sample_rate, dp.steps),
-                max_grad_norm=dp.max_grad_norm,
-                delta=pol.delta,
-                max_epsilon=pol.max_epsilon,
-                data_fingerprint=data.fingerprint,
-                accountant=pol.accountant,
-            )
-        except (BudgetExceededError, PolicyViolationError) as exc:  # refusal already in the ledger
-            return self._refusal(req, exc)
-        return self._finish(req, model, ids, mask, dp, eval_before, arrays, entry=entry)
+            with self.ledger.transaction(expect=(req.ledger_seq, req.ledger_hash)) as tx:
+                grant, entry = admit(tx, pol.budget(), ask, data_fingerprint=data.fingerprint)
+        except REFUSALS as exc:  # the refusal is already in the ledger
+            return self._refusal(exc, self.ledger.state())
+        if not grant.private:
+            log.warning("site %s trains round %d WITHOUT differential privacy", pol.name, req.server_round)
+        plan = DPPlan(
+            grant.noise_multiplier,
+            grant.sample_rate,
+            grant.steps,
+            grant.max_grad_norm if grant.private else NO_CLIPPING,
+            req.batch_size,
+        )
+        return self._train(req, model, ids, mask, plan, eval_before, arrays, entry)
 
-    def _finish(
+    def _train(
         self,
         req: TrainRequest,
         model: Any,
         ids: torch.Tensor,
         mask: torch.Tensor,
-        dp: DPPlan,
+        plan: DPPlan,
         eval_before: float,
         start: ArrayRecord,
-        *,
-        entry: dict[str, Any] | None,
+        entry: Entry,
     ) -> RoundOutcome:
-        """Train, build the reply, then commit the reservation (``entry``; None = non-private)."""
+        """Steps 5 and 6: train, check the update, commit (or abort) the reservation ``entry``."""
         pol, data = self.policy, self.data()
         fault = faults.active(pol.name, req.server_round)
         if fault == "raise":
             raise faults.InjectedFault(f"injected crash at site {pol.name} in round {req.server_round}")
-        stats = train_dp(model, ids, mask, dp, learning_rate=req.learning_rate, seed=self._round_seed(req))
+        stats = train_dp(model, ids, mask, plan, learning_rate=req.learning_rate, seed=self._round_seed(req))
         state = adapter_state(model)
         record = to_record({k: state[k] for k in req.lora.update_keys(state)})
-        if fault is not None:
-            record = faults.corrupt(fault, record, start)
-        metrics = {
-            "train-loss": stats.mean_loss,
-            "eval-loss-before": eval_before,
-            "delta": pol.delta,
-            "max-epsilon": pol.max_epsilon,
-            "noise-multiplier": dp.noise_multiplier,
-            "sample-rate": dp.sample_rate,
-            "steps": float(dp.steps),
-        }
-        receipt: dict[str, Any] = {"update_sha256": update_sha256(record)}
-        if entry is not None:
-            metrics |= {"epsilon": float(entry["epsilon"]), "epsilon-rdp": float(entry["epsilon_rdp"])}
-            commit = self.ledger.commit(
-                reserve_seq=int(entry["seq"]),
-                update_sha256=receipt["update_sha256"],
-                num_examples=len(data.train),
-                metrics={"train_loss": stats.mean_loss},
+        finite = all(np.isfinite(a.numpy()).all() for a in record.values())
+        if not finite or (stats.mean_loss is not None and not math.isfinite(stats.mean_loss)):
+            reason = (
+                "training diverged (non-finite loss or update): nothing was sent; the reservation stays spent"
             )
-            receipt = {k: commit[k] for k in RECEIPT_FIELDS if k in commit}
-        return RoundOutcome(
-            site=pol.name,
-            trained=True,
-            arrays=record,
+            self.ledger.abort(reserve_seq=entry.seq, reason=reason)
+            log.error("site %s round %d: %s", pol.name, req.server_round, reason)
+            return self._refusal(PolicyViolationError(reason), self.ledger.state())
+        if fault is not None:  # a compromised site: corrupts what it sends, and signs it
+            record = faults.corrupt(fault, record, start)
+        metrics: dict[str, float] = {
+            "eval-loss-before": eval_before,
+            "train-batches": float(stats.batches),
+            "noise-multiplier": plan.noise_multiplier,
+            "sample-rate": plan.sample_rate,
+            "steps": float(plan.steps),
+        }
+        if stats.mean_loss is not None:
+            metrics["train-loss"] = stats.mean_loss
+        commit_metrics = {"train_loss": stats.mean_loss} if stats.mean_loss is not None else {}
+        commit = self.ledger.commit(
+            reserve_seq=entry.seq,
+            update_sha256=update_sha256(record),
             num_examples=len(data.train),
-            metrics=metrics,
-            scrub_counts=data.scrub_counts,
-            receipt=receipt,
+            metrics=commit_metrics,
         )
+        out = self._outcome(True, "", self.ledger.state(), commit)
+        out.arrays, out.num_examples = record, len(data.train)
+        out.metrics |= metrics
+        if isinstance(entry, Reserve):
+            out.metrics |= {"epsilon": entry.epsilon, "epsilon-rdp": entry.epsilon_rdp}
+        return out
 
     def _round_seed(self, req: TrainRequest) -> int | None:
         """Testing only: a seed per (run seed, site, round), so sites and rounds draw different noise."""
-        if self.seed is None:
+        if req.seed < 0:
             return None
-        digest = hashlib.sha256(f"{self.seed}|{self.policy.name}|{req.server_round}".encode()).digest()
+        digest = hashlib.sha256(f"{req.seed}|{self.policy.name}|{req.server_round}".encode()).digest()
         return int.from_bytes(digest[:7], "big")
 
-    def _refusal(self, req: TrainRequest, exc: Exception) -> RoundOutcome:
+    def _refuse(self, rnd: int, run_id: str, exc: Exception) -> RoundOutcome:
+        """Record a refusal decided before the budget gate, and answer with it."""
+        self.ledger.record_refusal(round=rnd, run_id=run_id, reason=str(exc))
+        return self._refusal(exc, self.ledger.state())
+
+    def _refusal(self, exc: Exception, state: LedgerState) -> RoundOutcome:
+        log.warning("site %s refuses: %s", self.policy.name, exc)
+        return self._outcome(False, str(exc), state, state.entries[-1] if state.entries else None)
+
+    def _outcome(self, trained: bool, reason: str, state: LedgerState, receipt: Entry | None) -> RoundOutcome:
         pol = self.policy
-        reason = str(exc)
-        log.warning("site %s refuses round %d: %s", pol.name, req.server_round, reason)
-        spent = epsilon(self.ledger.history(), delta=pol.delta, accountant=pol.accountant)
+        spent = state.epsilon(delta=pol.delta, accountant=pol.accountant)
+        metrics = {"delta": pol.delta, "max-epsilon": pol.max_epsilon, "private": float(math.isfinite(spent))}
+        if math.isfinite(spent):
+            metrics["epsilon"] = spent
         return RoundOutcome(
             site=pol.name,
-            trained=False,
+            trained=trained,
             reason=reason,
-            metrics={"epsilon": spent, "delta": pol.delta, "max-epsilon": pol.max_epsilon},
+            metrics=metrics,
+            scrub_counts=dict(self._data.scrub_counts) if self._data else {},
+            receipt=dict(receipt.raw) if receipt is not None else {},
+            public_key=self.key.public_pem if self.key else "",
         )
 
-    def evaluate(self, arrays: ArrayRecord, req: TrainRequest) -> tuple[float, int]:
+    def evaluate(self, arrays: ArrayRecord, request: TrainRequest | Mapping[str, Any]) -> tuple[float, int]:
         """Held-out loss of the global adapter at this site (spends no budget)."""
+        req = request if isinstance(request, TrainRequest) else TrainRequest.from_record(request)
         model = self._load_global(req, arrays)
         _, _, ev_ids, ev_mask = self._tensors_for(req.max_seq_len)
         return evaluate_loss(model, ev_ids, ev_mask), int(ev_ids.size(0))
 
 
-def _signer(policy: SitePolicy) -> Callable[[bytes], str] | None:
-    """The ledger signer from the policy's signing key (None: entries are hash-chained only)."""
+def _signing_key(policy: SitePolicy) -> SigningKey | None:
+    """The ledger key from the policy's signing key (None: entries are hash-chained only)."""
     if policy.signing_key is None:
         return None
     env = policy.signing_key_passphrase_env
@@ -372,16 +349,16 @@ def _signer(policy: SitePolicy) -> Callable[[bytes], str] | None:
             [f"[site] signing-key-passphrase-env names '{env}' but it is not set in the agent's environment"],
         )
     passphrase = os.environ[env].encode() if env else None
-    return load_signer(policy.signing_key, passphrase)
+    return load_signing_key(policy.signing_key, passphrase)
 
 
-_AGENTS: dict[tuple[str, int | None], SiteAgent] = {}
+_AGENTS: dict[str, SiteAgent] = {}
 
 
-def get_agent(policy: SitePolicy, seed: int | None = None) -> SiteAgent:
+def get_agent(policy: SitePolicy) -> SiteAgent:
     """The process-wide agent for a policy (rebuilt when the policy changes)."""
-    key = (str(policy.source), seed)
+    key = str(policy.source)
     agent = _AGENTS.get(key)
     if agent is None or agent.policy != policy:
-        agent = _AGENTS[key] = SiteAgent(policy, seed=seed)
+        agent = _AGENTS[key] = SiteAgent(policy)
     return agent

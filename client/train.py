@@ -54,13 +54,18 @@ class DPPlan:
 
 @dataclass(frozen=True)
 class TrainStats:
-    """What one round of local training did."""
+    """What one round of local training did (losses over the non-empty batches; ``None`` if none)."""
 
     steps: int
     empty_batches: int
-    first_loss: float
-    mean_loss: float
-    last_loss: float
+    first_loss: float | None
+    mean_loss: float | None
+    last_loss: float | None
+
+    @property
+    def batches(self) -> int:
+        """Steps whose Poisson batch held at least one record."""
+        return self.steps - self.empty_batches
 
 
 def make_generator(seed: int | None) -> torch.Generator:
@@ -219,6 +224,19 @@ class DPStepper:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
+    def empty_step(self) -> None:
+        """The DP-SGD step of an empty Poisson batch: no record, so the update is the noise alone.
+
+        Skipping it instead would make the number of updates depend on whether a record was
+        sampled, which the privacy analysis of Poisson-sampled DP-SGD does not allow.
+        """
+        for p in self.params:
+            if self._criterion is not None:  # ghost clipping: the clipped sum lives in p.grad
+                p.grad = torch.zeros_like(p)
+            else:
+                p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)  # type: ignore[attr-defined]
+        self.update()
+
     def step(self, ids: torch.Tensor, mask: torch.Tensor) -> float:
         """One full DP-SGD step on a non-empty batch; returns its mean per-record loss."""
         loss = self.backward(ids, mask)
@@ -248,8 +266,8 @@ def train_dp(
     """Run ``plan.steps`` DP-SGD steps (Poisson sampling, per-sample clipping, Gaussian noise).
 
     Only parameters with ``requires_grad`` (the LoRA weights) are trained. Every sampled
-    step counts in the plan -- including the rare empty Poisson batch, which is skipped
-    without touching the model -- so the ledger's ``steps`` is exact.
+    step counts in the plan -- including an empty Poisson batch, whose step applies the
+    noise alone (:meth:`DPStepper.empty_step`) -- so the ledger's ``steps`` is exact.
 
     Parameters
     ----------
@@ -288,16 +306,15 @@ def train_dp(
                 done += 1
                 if b_ids.size(0) == 0:
                     empty += 1
+                    stepper.empty_step()
                     continue
                 losses.append(stepper.step(b_ids, b_mask))
     finally:
         stepper.close()
-    if not losses:
-        losses = [float("nan")]
     return TrainStats(
         steps=done,
         empty_batches=empty,
-        first_loss=losses[0],
-        mean_loss=sum(losses) / len(losses),
-        last_loss=losses[-1],
+        first_loss=losses[0] if losses else None,
+        mean_loss=sum(losses) / len(losses) if losses else None,
+        last_loss=losses[-1] if losses else None,
     )

@@ -8,7 +8,9 @@ The defaults here are the same as ``[tool.flwr.app.config]`` in ``pyproject.toml
 from __future__ import annotations
 
 import difflib
+import json
 import math
+import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
@@ -58,8 +60,13 @@ def _coerce(key: Key, value: Any) -> tuple[Any, str | None]:
         if isinstance(value, float) and value.is_integer():
             return int(value), None
     elif kind is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-            return float(value), None
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            try:
+                number = float(value)
+            except OverflowError:
+                return value, f"must be {want}, got an integer too large for a number"
+            if math.isfinite(number):
+                return number, None
     elif kind is str and isinstance(value, str):
         return value, None
     elif kind is dict:
@@ -73,7 +80,13 @@ def _coerce(key: Key, value: Any) -> tuple[Any, str | None]:
             return list(value), None
         if isinstance(value, str):
             return [v.strip() for v in value.split(",") if v.strip()], None
-    return value, f"must be {want}, got {value!r}"
+    return value, f"must be {want}, got {_short(value)}"
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    """``repr(value)``, cut to ``limit`` characters (values may come from a hostile peer)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def parse_keys(
@@ -103,9 +116,9 @@ def parse_keys(
     known = {k.name: k for k in keys}
     for name in raw:
         if name not in known and name not in ignore:
-            close = difflib.get_close_matches(name, list(known), n=1)
+            close = difflib.get_close_matches(str(name)[:100], list(known), n=1)
             hint = f"; did you mean '{close[0]}'?" if close else f"; accepted: {', '.join(known)}"
-            problems.append(f"unknown key '{name}'{hint}")
+            problems.append(f"unknown key {_short(str(name))}{hint}".replace('"', "'"))
     out: dict[str, Any] = {}
     for key in keys:
         if key.name not in raw:
@@ -115,9 +128,10 @@ def parse_keys(
             continue
         value, problem = _coerce(key, raw[key.name])
         if problem is None and key.check is not None and not key.check(value):
-            problem = f"must be {key.rule}, got {value!r}"
+            problem = f"must be {key.rule}, got {_short(value)}"
         if problem is not None:
-            problems.append(f"'{key.name}' {problem} (default: {key.default!r})")
+            default = f" (default: {key.default!r})" if key.default is not None else ""
+            problems.append(f"'{key.name}' {problem}{default}")
         out[key.name.replace("-", "_")] = value
     if problems:
         raise ConfigError(source, problems)
@@ -169,6 +183,16 @@ RUN_KEYS: tuple[Key, ...] = (
     Key("secagg-threshold", int, 2, "an integer >= 2: shares needed to unmask", lambda x: x >= 2),
     Key("secagg-clip-range", float, 8.0, "a number > 0: update values are clipped to +-range", _pos),
     Key("secagg-quantization", int, 4194304, "an integer >= 2: quantization levels", lambda x: x >= 2),
+    Key("federation-dir", str, "", "a folder kept across runs (default: out-dir's parent)"),
+    Key("site-keys", str, "", "'' (trust each site's ledger key on first use) or a folder of <site>.pub.pem"),
+    Key(
+        "weighting",
+        str,
+        "num-examples",
+        "'num-examples' or 'equal'",
+        lambda x: x in ("num-examples", "equal"),
+    ),
+    Key("max-weight-share", float, 0.5, "a fraction in (0, 1]: no site weighs more (1 = off)", _unit),
 )
 
 
@@ -222,6 +246,10 @@ class RunConfig:
     secagg_threshold: int
     secagg_clip_range: float
     secagg_quantization: int
+    federation_dir: str
+    site_keys: str
+    weighting: str
+    max_weight_share: float
 
     @classmethod
     def from_flower(cls, run_config: Mapping[str, Any], source: str = "run config") -> RunConfig:
@@ -236,7 +264,23 @@ class RunConfig:
 
     def policy_paths(self) -> list[str]:
         """Site policy paths for simulation, indexed by partition id."""
-        return [p.strip() for p in self.sim_policies.split(",") if p.strip()]
+        return policy_paths(self.sim_policies)
+
+
+def policy_paths(sim_policies: str) -> list[str]:
+    """``sim-policies`` as a list: a JSON array of paths, or (paths without commas) comma-separated."""
+    text = sim_policies.strip()
+    if text.startswith("["):
+        try:
+            paths = json.loads(text)
+        except ValueError:
+            paths = None
+        if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
+            raise ConfigError(
+                "run config", ["'sim-policies' must be a JSON array of paths, e.g. [\"/a/policy.toml\"]"]
+            )
+        return paths
+    return [p.strip() for p in text.split(",") if p.strip()]
 
 
 def default_run_config() -> dict[str, Any]:
@@ -244,9 +288,57 @@ def default_run_config() -> dict[str, Any]:
     return {k.name: k.default for k in RUN_KEYS}
 
 
+_RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+SITE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")  # a site's name: also a file name in run folders
+_MODULE = re.compile(r"[A-Za-z_][A-Za-z0-9_.]{0,127}")
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+
+
+def _targets_ok(value: Any) -> bool:
+    names = [t.strip() for t in str(value).split(",")]
+    return 0 < len(names) <= 64 and all(_MODULE.fullmatch(t) for t in names)
+
+
+def _between(low: float, high: float) -> Check:
+    return lambda x: bool(low <= x <= high)
+
+
+def _hex64(value: Any) -> bool:
+    return bool(_HEX64.fullmatch(value))
+
+
+# Every key of a training request with its type and domain: a request outside them is refused (and
+# recorded in the ledger) before anything is reserved. The site policy's ceilings come on top.
+REQUEST_KEYS: tuple[Key, ...] = (
+    Key("server-round", int, None, "an integer in [1, num-rounds]", _between(1, 100_000)),
+    Key("num-rounds", int, None, "an integer in [1, 100000]", _between(1, 100_000)),
+    Key("run-id", str, None, "1-64 letters, digits, '_', '.', '-'", lambda x: bool(_RUN_ID.fullmatch(x))),
+    Key("local-steps", int, None, "an integer in [1, 100000]", _between(1, 100_000)),
+    Key("batch-size", int, None, "an integer in [1, 1000000]", _between(1, 1_000_000)),
+    Key("learning-rate", float, None, "a number in (0, 1000]", lambda x: 0 < x <= 1000),
+    Key("max-grad-norm", float, None, "a number in (0, 1e6]", lambda x: 0 < x <= 1e6),
+    Key("noise-multiplier", float, None, "0 (the site decides) or a number in (0, 1e4]", _between(0, 1e4)),
+    Key("max-seq-len", int, None, "an integer in [8, 1000000]", _between(8, 1_000_000)),
+    Key("lora-rank", int, None, "an integer in [1, 4096]", _between(1, 4096)),
+    Key("lora-alpha", int, None, "an integer in [1, 65536]", _between(1, 65536)),
+    Key("lora-targets", str, None, "comma-separated module names", _targets_ok),
+    Key("ffa-lora", bool, None, "true or false"),
+    Key("dp", bool, None, "true or false"),
+    Key("base-model-fingerprint", str, None, "64 lowercase hex characters", _hex64),
+    Key("seed", int, None, "-1 (site noise) or a seed >= 0", _between(-1, 2**62)),
+    Key("ledger-seq", int, None, "-1 (unknown) or the seq of the site's last entry", _between(-1, 2**62)),
+    Key("ledger-hash", str, None, "'' or 64 lowercase hex characters", lambda x: x == "" or _hex64(x)),
+)
+
+
 @dataclass(frozen=True)
 class TrainRequest:
-    """What the coordinator asks a site to do in one round (a ``ConfigRecord``)."""
+    """What the coordinator asks a site to do in one round (a ``ConfigRecord``).
+
+    ``seed`` >= 0 asks for reproducible (NOT private) noise, which a site refuses unless its policy
+    allows seeded noise; ``ledger_seq`` / ``ledger_hash`` name the last entry of this site's ledger
+    the coordinator saw (-1 / "" when it saw none), so a site whose ledger lost it refuses.
+    """
 
     server_round: int
     num_rounds: int
@@ -263,6 +355,9 @@ class TrainRequest:
     ffa_lora: bool
     dp: bool
     base_model_fingerprint: str
+    seed: int = -1
+    ledger_seq: int = -1
+    ledger_hash: str = ""
 
     @property
     def lora(self) -> LoraSpec:
@@ -289,6 +384,7 @@ class TrainRequest:
             ffa_lora=cfg.ffa_lora,
             dp=cfg.dp,
             base_model_fingerprint=fingerprint,
+            seed=cfg.seed,
         )
 
     def to_record(self) -> dict[str, Any]:
@@ -297,34 +393,31 @@ class TrainRequest:
 
     @classmethod
     def from_record(cls, record: Mapping[str, Any]) -> TrainRequest:
-        """Parse a received ``ConfigRecord``; every key is required."""
-        keys = [Key(f.name.replace("_", "-"), _FIELD_KINDS[f.name], None) for f in fields(cls)]
-        values = parse_keys(
-            "train request from the coordinator",
-            record,
-            keys,
-            required=[k.name for k in keys],
-        )
+        """Parse a received ``ConfigRecord``: every key required (three have safe defaults), in its domain."""
+        source = "train request from the coordinator"
+        optional = {"seed": -1, "ledger-seq": -1, "ledger-hash": ""}  # absent: the safe value
+        given = {**optional, **record}
+        values = parse_keys(source, given, REQUEST_KEYS, required=[k.name for k in REQUEST_KEYS])
+        problems = []
+        if values["server_round"] > values["num_rounds"]:
+            problems.append(
+                f"'server-round' {values['server_round']} is past 'num-rounds' {values['num_rounds']}"
+            )
+        if (values["ledger_seq"] >= 0) != bool(values["ledger_hash"]):
+            problems.append("'ledger-seq' and 'ledger-hash' name one ledger entry: give both, or neither")
+        if problems:
+            raise ConfigError(source, problems)
         return cls(**values)
 
-
-_FIELD_KINDS: dict[str, type] = {
-    "server_round": int,
-    "num_rounds": int,
-    "run_id": str,
-    "local_steps": int,
-    "batch_size": int,
-    "learning_rate": float,
-    "max_grad_norm": float,
-    "noise_multiplier": float,
-    "max_seq_len": int,
-    "lora_rank": int,
-    "lora_alpha": int,
-    "lora_targets": str,
-    "ffa_lora": bool,
-    "dp": bool,
-    "base_model_fingerprint": str,
-}
+    @staticmethod
+    def salvage(record: Mapping[str, Any]) -> tuple[int, str]:
+        """``(round, run id)`` of a request that failed to parse, as far as they are valid (its refusal's)."""
+        rnd, run = record.get("server-round"), record.get("run-id")
+        round_ok = isinstance(rnd, int) and not isinstance(rnd, bool) and 0 <= rnd <= 100_000
+        run_ok = isinstance(run, str) and bool(_RUN_ID.fullmatch(run))
+        return (rnd if round_ok and isinstance(rnd, int) else 0), (
+            run if run_ok and isinstance(run, str) else "invalid-request"
+        )
 
 
 @dataclass(frozen=True)
@@ -334,7 +427,7 @@ class NodeConfig:
     policy: str
 
     @classmethod
-    def from_flower(cls, node_config: Mapping[str, Any], run: RunConfig) -> NodeConfig:
+    def from_flower(cls, node_config: Mapping[str, Any], sim_policies: str = "") -> NodeConfig:
         """Resolve the site policy path.
 
         A deployed SuperNode sets ``policy`` in its ``--node-config``. In simulation the
@@ -344,7 +437,7 @@ class NodeConfig:
         if isinstance(policy, str) and policy:
             return cls(policy=policy)
         pid = node_config.get("partition-id")
-        paths = run.policy_paths()
+        paths = policy_paths(sim_policies)
         if isinstance(pid, int) and 0 <= pid < len(paths):
             return cls(policy=paths[pid])
         raise ConfigError(

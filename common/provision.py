@@ -224,9 +224,11 @@ def flower_config_toml(name: str, address: str, root_certificates: Path | None) 
     ``root_certificates`` must be absolute (Flower rejects relative paths); ``None`` writes an
     insecure connection (testing only).
     """
-    tls = (
-        f'root-certificates = "{root_certificates.resolve()}"\n'
-        if root_certificates is not None
-        else "insecure = true  # TLS OFF: testing only\n"
-    )
-    return f'[superlink]\ndefault = "{name}"\n\n[superlink.{name}]\naddress = "{address}"\n{tls}'
+    import tomli_w
+
+    link: dict[str, object] = {"address": address}
+    if root_certificates is not None:
+        link["root-certificates"] = str(root_certificates.resolve())
+    else:
+        link["insecure"] = True  # TLS OFF: testing only
+    return tomli_w.dumps({"superlink": {"default": name, name: link}})

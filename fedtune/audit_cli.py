@@ -75,13 +75,22 @@ def verify(
         typer.echo(json.dumps(result.to_dict(), indent=2))
     else:
         for audit in result.ledgers:
-            spent = [e.parameters["epsilon"] for e in audit.entries if e.parameters]
+            eps = audit.epsilon
             status = "[green]OK[/green]" if audit.ok else "[red]FAILED[/red]"
             signed = f"signatures verified ({audit.key_fingerprint[:16]}...)" if audit.key_fingerprint else ""
+            spent = (
+                ""
+                if eps is None
+                else (
+                    ", epsilon UNBOUNDED (records released without DP)"
+                    if eps == float("inf")
+                    else f", cumulative epsilon {eps:.4f}"
+                )
+            )
             console.print(
-                f"{status} {escape(audit.path)}: {len(audit.entries)} entries"
-                + (f", cumulative epsilon {spent[-1]:.4f}" if spent else "")
+                f"{status} {escape(audit.path)}: {len(audit.entries)} entries{spent}"
                 + (f", {signed}" if signed and audit.ok else "")
+                + (", head record matched" if audit.head and audit.ok else "")
                 + (f", {audit.receipts_checked} receipts matched" if result.receipts_path else "")
             )
         for finding in result.findings:
@@ -115,6 +124,44 @@ def report(
         write_html(data, out)
     verdict = "all ledgers verified" if data["verification"]["ok"] else "LEDGER VERIFICATION FAILED"
     console.print(f"report written to [bold]{escape(str(out))}[/bold] ({verdict})")
+
+
+@site_app.command("anchor")
+def anchor(policy: Annotated[Path, typer.Argument(help="The site policy whose ledger to anchor.")]) -> None:
+    """Write the ledger's head record again after an audit (it was lost, or the ledger predates it)."""
+    from client.policy import load_policy
+    from client.site import SiteAgent
+    from privacy.ledger import PrivacyLedger
+    from privacy.ledger_head import read_head, write_head
+
+    try:
+        pol = load_policy(policy)
+        agent = SiteAgent(pol)
+        plain = PrivacyLedger(pol.ledger_path, signer=agent.ledger.signer, site=pol.name)  # no head check
+        entries = plain.entries()
+        if read_head(pol.ledger_head) is not None:
+            agent.ledger.state()  # an existing head must match: never overwrite evidence of a cut ledger
+            console.print(
+                f"{escape(str(pol.ledger_head))} already names the ledger's last entry; nothing to do"
+            )
+            return
+        if not entries:
+            raise FedtuneError(f"{pol.ledger_path}: no entries to anchor")
+        last = entries[-1]
+        write_head(
+            pol.ledger_head,
+            site=pol.name,
+            ledger=pol.ledger_path,
+            seq=last.seq,
+            hash=last.hash,
+            signer=plain.signer,
+        )
+    except FedtuneError as exc:
+        raise _fail(exc) from exc
+    console.print(
+        f"anchored {escape(str(pol.ledger_path))} at entry seq {last.seq} in {escape(str(pol.ledger_head))}. "
+        "Only do this after `fedtune audit verify` of the ledger against the coordinator's receipts."
+    )
 
 
 @site_app.command("keygen")

@@ -10,6 +10,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from common.errors import FedtuneError
@@ -79,13 +80,13 @@ def print_summary(summary: dict[str, Any], out: Path) -> None:
         before, after = s.get("eval_loss_before"), s.get("eval_loss_after")
         notes = "; ".join(r["reason"][:60] for r in s.get("refusals", []) + s.get("failures", []))
         table.add_row(
-            name,
+            escape(name),
             str(s.get("rounds_trained", 0)),
             f"{s['epsilon']:.3f}" if "epsilon" in s else "NO DP",
             f"{s.get('max_epsilon', 0.0):g}",
             f"{before:.4f}" if before is not None else "-",
             f"{after:.4f}" if after is not None else "-",
-            notes or "",
+            escape(notes),
         )
     console.print(table)
     base = summary["base_model"]["bytes"]
@@ -105,10 +106,16 @@ def print_summary(summary: dict[str, Any], out: Path) -> None:
     ]
     console.print(f"rejected updates: {len(rejected)}; failed or silent sites: {len(crashed)}")
     for name, f in rejected + crashed:
-        console.print(f"  round {f['round']} {name} {f['status']}: {f['reason'][:160]}", highlight=False)
+        console.print(
+            f"  round {f['round']} {escape(name)} {f['status']}: {escape(f['reason'][:160])}", highlight=False
+        )
+    for name, flags in summary.get("flags", {}).items():
+        for problem in flags:
+            console.print(f"[bold red]flagged[/bold red] {escape(name)}: {escape(problem)}", highlight=False)
     if summary.get("status") == "stopped":
         console.print(
-            f"[bold red]run stopped:[/bold red] {summary['stop_reason']} -- resume with --resume {out}"
+            f"[bold red]run stopped:[/bold red] {escape(summary['stop_reason'])} -- resume with "
+            f"--resume {escape(str(out))}"
         )
     console.print(f"run folder: [bold]{out}[/bold] (adapter/, ledgers/, metrics.jsonl, summary.json)")
 
@@ -141,7 +148,7 @@ def simulate(
         for site, row in line["sites"].items():
             ev = row.get("eval-loss")
             parts.append(
-                f"{site}: {row.get('status', '?')}"
+                f"{escape(site)}: {row.get('status', '?')}"
                 + (f" eps={row['epsilon']:.2f}" if "epsilon" in row else "")
                 + (f" eval={ev:.3f}" if ev is not None else "")
             )
@@ -168,7 +175,7 @@ def simulate(
         extra["seed"] = seed
         console.print(
             f"[bold red]--seed {seed}: DP noise is reproducible, so this run is NOT PRIVATE "
-            "(testing only)[/bold red]"
+            "(testing only; the simulated sites' policies opt in with allow-seeded-noise)[/bold red]"
         )
     if no_dp:
         extra["dp"] = False
@@ -195,5 +202,5 @@ def main() -> None:
     try:
         app()
     except FedtuneError as exc:
-        Console(stderr=True).print(f"[red]error:[/red] {exc}", highlight=False)
+        Console(stderr=True).print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
         sys.exit(2)

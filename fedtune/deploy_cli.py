@@ -149,7 +149,9 @@ def provision_federation(
             max_epsilon=max_epsilon,
             delta=delta,
             signing_key=Path("keys") / "ledger-signing-key.pem",  # relative to the policy file
+            ledger_head=Path("anchor") / "ledger-head.json",  # outside state/: a lost state folder shows
         )
+        (site / "anchor").mkdir(exist_ok=True)
         write_file(site / "policy.toml", policy.encode())
         write_file(site / "site.env", f"SUPERLINK={address}\n".encode())
         site_dirs[name] = site

@@ -33,7 +33,7 @@ def run_local(policies: list[Path], run_config: Mapping[str, Any]) -> dict[str, 
     sites: dict[str, dict[str, Any]] = {}
     lines: list[dict[str, Any]] = [{"round": r, "sites": {}} for r in range(1, cfg.num_server_rounds + 1)]
     for path in policies:
-        agent = SiteAgent(load_policy(path), seed=cfg.seed if cfg.seed >= 0 else None)
+        agent = SiteAgent(load_policy(path))
         arrays = start
         name = agent.policy.name
         for rnd in range(1, cfg.num_server_rounds + 1):

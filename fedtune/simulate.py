@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 from collections.abc import Callable, Mapping
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from client.policy import render_policy
+from common.config import SITE_NAME
 from common.errors import ConfigError
 from common.fsutil import atomic_write_text
 from common.modeling import check_model_dir, set_offline_env
@@ -49,7 +51,9 @@ def default_data(sites: int) -> Path:
 
 
 def site_files(data: Path, sites: int) -> list[Path]:
-    """The first ``sites`` data files (sorted) in ``data``; one file per site."""
+    """The first ``sites`` data files (sorted) in ``data``; one file per site, named for it."""
+    if not data.is_dir():
+        raise ConfigError(str(data), ["--data must be a folder with one JSONL/CSV/Parquet file per site"])
     files = sorted(p for p in data.iterdir() if p.suffix in (".jsonl", ".csv", ".parquet"))
     if len(files) < sites:
         raise ConfigError(
@@ -57,6 +61,15 @@ def site_files(data: Path, sites: int) -> list[Path]:
             [
                 f"--data holds {len(files)} site file(s) but --sites is {sites}: "
                 "add one JSONL/CSV/Parquet file per site or lower --sites"
+            ],
+        )
+    bad = [f.name for f in files[:sites] if not SITE_NAME.fullmatch(f.stem)]
+    if bad:
+        raise ConfigError(
+            str(data),
+            [
+                f"{name!r}: a site's file name is its site name: 1-64 letters, digits, '-', '_'"
+                for name in bad
             ],
         )
     return files[:sites]
@@ -71,10 +84,14 @@ def prepare_run(
     max_epsilon: float,
     delta: float,
     non_private: bool = False,
+    seeded: bool = False,
+    privacy: Mapping[str, Any] | None = None,
 ) -> list[Path]:
     """Write one policy and signing key per site under ``out/sites/<name>/``; return the policies.
 
     Each site's public key is copied to ``out/keys/<name>.pub``, as an auditor would receive it.
+    ``non_private`` / ``seeded`` write the opt-ins a real site's privacy office would have to give
+    (training without DP; reproducible, hence NOT private, noise for tests).
     """
     from privacy.keys import generate_keypair
 
@@ -94,6 +111,8 @@ def prepare_run(
             delta=delta,
             signing_key=private,
             allow_non_private=non_private,
+            allow_seeded_noise=seeded,
+            privacy=privacy,
         )
         policy = site_dir / "policy.toml"
         policy.write_text(text, encoding="utf-8")
@@ -102,7 +121,7 @@ def prepare_run(
 
 
 def collect_ledgers(out: Path, policies: list[Path]) -> list[Path]:
-    """Copy each site's ledger into ``out/ledgers/<site>.jsonl`` (as an auditor gathers them)."""
+    """Copy each site's ledger and head record into ``out/ledgers/`` (as an auditor gathers them)."""
     from client.policy import load_policy
 
     dest = out / "ledgers"
@@ -114,7 +133,17 @@ def collect_ledgers(out: Path, policies: list[Path]) -> list[Path]:
             target = dest / f"{pol.name}.jsonl"
             shutil.copyfile(pol.ledger_path, target)
             copied.append(target)
+        if pol.ledger_head.is_file():
+            shutil.copyfile(pol.ledger_head, dest / f"{pol.name}.head.json")
     return copied
+
+
+def check_overrides(run_config: Mapping[str, Any]) -> None:
+    """Refuse a bad run config before any folder, model or Ray worker is made (every problem at once)."""
+    from common.config import RunConfig
+    from server.coordinator import check_run_config
+
+    check_run_config(RunConfig.from_flower(run_config, source="--run-config"))
 
 
 def simulate(
@@ -130,21 +159,42 @@ def simulate(
     on_round: RoundCallback | None = None,
     quiet: bool = True,
     local_only: bool = False,
+    privacy: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Run a simulated federation into ``out``; return the coordinator's summary.
 
     ``local_only`` runs the baseline where every site trains alone (same budget, rounds and
-    code); ``run_config={"dp": False}`` the non-private baseline (the simulated sites' policies
+    code); ``privacy`` adds ``[privacy]`` keys to every simulated site's policy;
+    ``run_config={"dp": False}`` the non-private baseline (the simulated sites' policies
     then allow it; a real site's policy refuses it unless its privacy office opts in).
     """
     set_offline_env()
+    out = out.resolve()
+    overrides: dict[str, Any] = {
+        "min-train-sites": min(2, sites),
+        "federation-dir": str(out),  # a simulated federation lives and dies with its run folder
+        "site-keys": str(out / "keys"),  # the operator received each simulated site's public key
+        **dict(run_config or {}),
+        "num-server-rounds": rounds,
+        "out-dir": str(out),
+    }
+    check_overrides(overrides)
+    budget = [
+        (
+            math.isfinite(max_epsilon) and max_epsilon > 0,
+            f"--max-epsilon must be a number > 0, got {max_epsilon!r}",
+        ),
+        (math.isfinite(delta) and 0 < delta <= 1e-3, f"--delta must be a number in (0, 1e-3], got {delta!r}"),
+    ]
+    if any(not ok for ok, _ in budget):
+        raise ConfigError("fedtune simulate", [why for ok, why in budget if not ok])
     model = check_model_dir(model, "--model") if model is not None else default_model()
     data = data if data is not None else default_data(sites)
-    out = out.resolve()
-    if out.exists() and any(out.iterdir()):
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConfigError(str(out), ["the run folder is not empty: choose a new --out"])
+    site_files(data, sites)  # every site has a data file, before anything is written
     out.mkdir(parents=True, exist_ok=True)
-    non_private = not bool((run_config or {}).get("dp", True))
+    cfg_in = dict(run_config or {})
     policies = prepare_run(
         out,
         sites=sites,
@@ -152,16 +202,11 @@ def simulate(
         data=data,
         max_epsilon=max_epsilon,
         delta=delta,
-        non_private=non_private,
+        non_private=not bool(cfg_in.get("dp", True)),
+        seeded=int(cfg_in.get("seed", -1)) >= 0,
+        privacy=privacy,
     )
-    overrides: dict[str, Any] = {
-        "min-train-sites": min(2, sites),
-        **dict(run_config or {}),
-        "num-server-rounds": rounds,
-        "model-dir": str(model.resolve()),
-        "out-dir": str(out),
-        "sim-policies": ",".join(str(p) for p in policies),
-    }
+    overrides |= {"model-dir": str(model.resolve()), "sim-policies": json.dumps([str(p) for p in policies])}
     if local_only:
         from fedtune.local import run_local
 

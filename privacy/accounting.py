@@ -58,6 +58,7 @@ __all__ = [
     "PRV_EPS_ERROR",
     "PRV_MAX_EPSILON",
     "MechanismStep",
+    "accounting_settings",
     "calibrate_noise",
     "epsilon",
     "merge_history",
@@ -70,6 +71,18 @@ PRV_EPS_ERROR = 0.01
 _MIN_SEARCH_NOISE = 0.05  # below this, DP-SGD gives no meaningful protection
 PRV_MAX_EPSILON = 50.0
 _PRV_FAILURES = (ValueError, RuntimeError, FloatingPointError, OverflowError, MemoryError)
+
+
+def accounting_settings() -> dict[str, object]:
+    """How :func:`epsilon` computes, as recorded in every reservation so an auditor can redo it."""
+    from importlib.metadata import version
+
+    return {
+        "library": f"opacus {version('opacus')}",
+        "prv_eps_error": PRV_EPS_ERROR,
+        "rdp_above": PRV_MAX_EPSILON,  # RDP is reported without running PRV above this epsilon
+        "merge": "equal (noise_multiplier, sample_rate) composed as one",
+    }
 
 
 @dataclass(frozen=True)

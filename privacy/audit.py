@@ -1,12 +1,18 @@
 """Offline verification of site privacy ledgers, for auditors (see ``docs/ledger.md``).
 
-:func:`verify_ledgers` trusts nothing but the ledger files, the sites' public keys
-and, optionally, the coordinator's receipts. It checks, entry by entry: the hash
-chain (``seq``, ``prev_hash``, ``hash``), every Ed25519 signature, round order per
-run, that commits reference earlier reservations, and every reservation's
-cumulative epsilon, recomputed from the parameters of ALL reservations so far with
-fresh Opacus accountants (not the code that wrote the ledger). Receipts expose a
-ledger truncated or rewritten after the coordinator accepted its updates.
+:func:`verify_ledgers` trusts nothing but the ledger files, the sites' public keys, their head records
+and, optionally, the coordinator's receipts. Structure (chain, signatures, formats, round order, commit
+references) is checked by the very checker the site runs before every write
+(:func:`privacy.ledger_checks.walk`), so site and auditor can never disagree about a ledger. On top:
+
+* every reservation's cumulative epsilon is recomputed from the parameters of ALL reservations so far
+  with fresh Opacus accountants, using the accounting settings the reservation records (not constants
+  of the code that wrote it), and checked against the recorded value and ``max_epsilon``;
+* entries whose noise was seeded, and rounds released without DP, are reported as NOT PRIVATE;
+* the head record (``<site>.head.json`` beside the ledger) must name an entry the ledger holds: a ledger
+  cut at its end -- e.g. a reservation of a crashed round removed -- fails here;
+* receipts (``receipts.jsonl``: full copies of the entries the coordinator accepted) must each match
+  the ledger entry of the same ``seq`` (:mod:`privacy.receipts`).
 
 Files are only read (no lock files are created), so read-only copies can be audited.
 """
@@ -14,12 +20,11 @@ Files are only read (no lock files are created), so read-only copies can be audi
 from __future__ import annotations
 
 import functools
-import hashlib
-import json
 import math
 import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +32,10 @@ import numpy as np
 from opacus.accountants import PRVAccountant, RDPAccountant
 
 from privacy.keys import load_verifier, public_key_fingerprint
-from privacy.ledger import GENESIS_HASH, canonical_bytes
-from privacy.receipts import RECEIPTS_NAME, Finding, _check_receipts
+from privacy.ledger_checks import Finding, LedgerError, Verifier, walk
+from privacy.ledger_entries import Commit, Release, Reserve
+from privacy.ledger_head import check_head, read_head, signature_ok
+from privacy.receipts import RECEIPTS_NAME, check_receipts
 
 __all__ = [
     "EPSILON_RTOL",
@@ -42,12 +49,12 @@ __all__ = [
 ]
 
 EPSILON_RTOL = 1e-2
-PRV_EPS_ERROR = 0.01  # as documented for ledger writers
-RDP_ONLY_ABOVE = 50.0  # writers report RDP without running PRV above this
-_MECHANISM = ("noise_multiplier", "sample_rate", "steps", "max_grad_norm", "delta")
-_RESERVE_NUMBERS = (*_MECHANISM, "max_epsilon", "epsilon", "epsilon_rdp")
-Verifier = Callable[[bytes, str], bool]
+_DEFAULT_SETTINGS = {
+    "prv_eps_error": 0.01,
+    "rdp_above": 50.0,
+}  # ledgers written before settings were recorded
 _ALPHA_NOTE = r"Optimal order is the (largest|smallest) alpha"
+_MECHANISM = ("noise_multiplier", "sample_rate", "steps", "max_grad_norm", "delta")
 
 
 @dataclass
@@ -66,6 +73,7 @@ class EntryStatus:
     parameters: dict[str, Any] = field(default_factory=dict)  # recorded reservation fields
     epsilon_recomputed: float | None = None  # reserve entries: fresh PRV (see recompute_epsilon)
     epsilon_rdp_recomputed: float | None = None
+    private: bool = True  # False: seeded noise or released without DP
 
 
 @dataclass
@@ -78,11 +86,22 @@ class LedgerAudit:
     findings: list[Finding] = field(default_factory=list)
     key_fingerprint: str | None = None  # set when signatures were checked
     receipts_checked: int = 0
+    head: str | None = None  # the head record checked, if any
+    raw: dict[int, dict[str, Any]] = field(default_factory=dict, repr=False)  # seq -> entry as written
+    verifier: Verifier | None = field(default=None, repr=False)
 
     @property
     def ok(self) -> bool:
         """True when no finding is an error."""
         return not any(f.severity == "error" for f in self.findings)
+
+    @property
+    def epsilon(self) -> float | None:
+        """The last recorded cumulative epsilon (``inf`` after a release without DP)."""
+        if any(e.kind == "release" for e in self.entries):
+            return math.inf
+        spent = [e.parameters["epsilon"] for e in self.entries if e.parameters]
+        return spent[-1] if spent else None
 
     def error(self, line: int | None, seq: int | None, check: str, message: str) -> None:
         """Record a failing finding (and mark the entry on ``line`` as failing)."""
@@ -115,16 +134,30 @@ class AuditResult:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form: ``ok``, ``ledgers`` (with ``entries`` and ``findings``), receipts."""
+        ledgers = []
+        for a in self.ledgers:
+            body = asdict(a)
+            body.pop("raw", None)
+            body.pop("verifier", None)
+            eps = a.epsilon
+            ledgers.append(
+                body | {"ok": a.ok, "epsilon": eps if eps is None or math.isfinite(eps) else "unbounded"}
+            )
         return {
             "ok": self.ok,
-            "ledgers": [{**asdict(a), "ok": a.ok} for a in self.ledgers],
+            "ledgers": ledgers,
             "receipts_path": self.receipts_path,
             "receipt_findings": [asdict(f) for f in self.receipt_findings],
         }
 
 
 @functools.lru_cache(maxsize=512)
-def recompute_epsilon(history: tuple[tuple[float, float, int], ...], delta: float) -> tuple[float, float]:
+def recompute_epsilon(
+    history: tuple[tuple[float, float, int], ...],
+    delta: float,
+    prv_eps_error: float = 0.01,
+    rdp_above: float = 50.0,
+) -> tuple[float, float]:
     """Cumulative ``(epsilon, epsilon_rdp)`` of DP-SGD mechanisms, from fresh Opacus accountants.
 
     Parameters
@@ -133,12 +166,14 @@ def recompute_epsilon(history: tuple[tuple[float, float, int], ...], delta: floa
         ``(noise_multiplier, sample_rate, steps)`` of every reservation so far.
     delta
         Target delta.
+    prv_eps_error, rdp_above
+        The accounting settings the reservation recorded: PRV's ``eps_error``, and the RDP epsilon
+        above which the writer reported RDP without running PRV.
 
     Returns
     -------
     (float, float)
-        The PRV upper bound (``eps_error=0.01``; the RDP bound when RDP exceeds 50 or PRV
-        fails, exactly as ledger writers do) and the RDP bound.
+        The PRV upper bound (the RDP bound above ``rdp_above`` or when PRV fails) and the RDP bound.
     """
     steps: dict[tuple[float, float], int] = {}  # composition is order-free: merge equal mechanisms
     for sigma, q, n in history:
@@ -149,144 +184,128 @@ def recompute_epsilon(history: tuple[tuple[float, float, int], ...], delta: floa
         rdp_acc, prv_acc = RDPAccountant(), PRVAccountant()
         rdp_acc.history, prv_acc.history = list(merged), list(merged)
         rdp = float(rdp_acc.get_epsilon(delta))
-        if rdp > RDP_ONLY_ABOVE:
+        if rdp > rdp_above:
             return rdp, rdp
         try:
-            prv = float(prv_acc.get_epsilon(delta, eps_error=PRV_EPS_ERROR))
+            prv = float(prv_acc.get_epsilon(delta, eps_error=prv_eps_error))
         except (ValueError, RuntimeError, FloatingPointError, OverflowError, MemoryError):
             prv = math.nan
     return (rdp if math.isnan(prv) else prv), rdp
 
 
-def _number(value: object, *, integer: bool = False) -> bool:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return False
-    return isinstance(value, int) if integer else math.isfinite(value)
-
-
-def _reject(name: str) -> None:
-    raise ValueError(f"{name} is not allowed")
-
-
-def _check_chain(audit: LedgerAudit, verifier: Verifier | None) -> None:
-    """Chain, signatures, entry formats, round order and commit references of every line."""
-    prev_hash, last_time = GENESIS_HASH, ""
-    last_round: dict[str, int] = {}  # run_id -> highest round of any entry
-    last_reserve: dict[str, int] = {}  # run_id -> highest reserved round
-    reserves: dict[int, tuple[str, int, bool]] = {}  # seq -> run_id, round, committed
-    superseded: set[int] = set()  # reservations retried after a crash (must never be committed)
-    lines = Path(audit.path).read_text(encoding="utf-8").split("\n")
+def _statuses(audit: LedgerAudit, verifier: Verifier | None) -> list[Reserve | Release]:
+    """Run the shared checker; fill ``audit.entries`` and findings; return the spending entries."""
+    lines = Path(audit.path).read_bytes().decode("utf-8", errors="replace").split("\n")
     if lines[-1] == "":
         lines.pop()
-    for index, text in enumerate(lines):
-        try:
-            entry = json.loads(text, parse_constant=_reject)
-            problem = "" if isinstance(entry, dict) else "not a JSON object"
-        except ValueError as exc:
-            entry, problem = None, f"not valid JSON ({exc})"
-        e = entry if isinstance(entry, dict) else {}
-        seq = e.get("seq") if _number(e.get("seq"), integer=True) else None
-        status = EntryStatus(index + 1, seq, e.get("kind") if isinstance(e.get("kind"), str) else None)
+    found = walk(Path(audit.path), list(enumerate(lines, start=1)), verifier)
+    spending: list[Reserve | Release] = []
+    for r in found.lines:
+        e, raw = r.entry, r.raw or {}
+        seq = raw.get("seq") if isinstance(raw.get("seq"), int) else None
+        kind = raw.get("kind") if isinstance(raw.get("kind"), str) else None
+        status = EntryStatus(
+            r.line, seq, kind, hash=raw.get("hash") if isinstance(raw.get("hash"), str) else None
+        )
+        status.signature = raw.get("signature") if isinstance(raw.get("signature"), str) else None
         audit.entries.append(status)
-        status.hash = e.get("hash") if isinstance(e.get("hash"), str) else None
-        status.signature = e.get("signature") if isinstance(e.get("signature"), str) else None
-        status.update_sha256 = e.get("update_sha256") if isinstance(e.get("update_sha256"), str) else None
-        fail = functools.partial(audit.error, status.line, seq)
-        if problem:
-            fail("format", problem)
-            prev_hash = "<unreadable line>"
+        if seq is not None and r.raw is not None:
+            audit.raw.setdefault(seq, r.raw)
+        if e is None:
             continue
-        if seq != index:
-            fail("chain", f"seq is {e.get('seq')!r}, expected {index}: entries deleted, inserted or moved")
-        if e.get("prev_hash") != prev_hash:
-            fail("chain", "prev_hash does not match the previous entry's hash: the chain is broken here")
-        body = canonical_bytes(e)
-        if e.get("hash") != hashlib.sha256(body).hexdigest():
-            fail("chain", "hash does not match the entry's content: the entry was modified")
-        prev_hash = str(e.get("hash"))
-        if verifier is not None and not isinstance(e.get("signature"), str):
-            fail("signature", "entry is not signed")
-        elif verifier is not None and not verifier(body, e["signature"]):
-            fail("signature", f"signature does not verify with key {audit.key_fingerprint}")
-        if isinstance(e.get("time"), str):
-            if e["time"] < last_time:
-                audit.warn(status.line, seq, "order", f"time {e['time']} precedes the previous {last_time}")
-            last_time = e["time"]
-        if status.kind not in ("reserve", "commit", "refuse"):
-            fail("format", f"unknown kind {e.get('kind')!r} (expected reserve, commit or refuse)")
-            continue
-        if not isinstance(e.get("run_id"), str) or not _number(e.get("round"), integer=True):
-            fail("format", "run_id (a string) and round (an integer) are required")
-            continue
-        run, rnd = status.run_id, status.round = e["run_id"], e["round"]
-        if status.kind == "reserve":
-            bad = [k for k in _RESERVE_NUMBERS if not _number(e.get(k), integer=k == "steps")]
-            if bad:
-                fail("format", f"reservation fields {bad} are missing or not numbers")
-            else:
-                status.parameters = {k: e[k] for k in _RESERVE_NUMBERS} | {"accountant": e.get("accountant")}
-            same = [s for s, r in reserves.items() if r[:2] == (run, rnd)]
-            if rnd < last_reserve.get(run, -1):
-                fail("order", f"round {rnd} of run {run} reserved after its round {last_reserve[run]}")
-            elif any(reserves[s][2] for s in same):
-                fail("order", f"round {rnd} of run {run} reserved again after it was trained (committed)")
-            superseded.update(same)  # a retry after a crash: the earlier reservation stays counted
-            last_reserve[run] = max(rnd, last_reserve.get(run, -1))
-            if seq is not None:
-                reserves[seq] = (run, rnd, False)
-        elif rnd < last_round.get(run, -1):
-            fail("order", f"round {rnd} of run {run} comes after its round {last_round[run]}")
-        last_round[run] = max(rnd, last_round.get(run, -1))
-        if status.kind == "commit":
-            ref = e.get("reserve_seq")
-            target = reserves.get(ref) if isinstance(ref, int) else None
-            if not isinstance(ref, int) or target is None or target[2]:
-                fail("commit", f"reservation {ref!r} is not an earlier reservation, or already committed")
-            elif ref in superseded:
-                fail("commit", f"reservation {ref} was superseded by a retry of its round: trained twice")
-            else:
-                if target[:2] != (run, rnd):
-                    fail("commit", f"run/round ({run}, {rnd}) differ from reservation {ref}'s {target[:2]}")
-                reserves[ref] = (target[0], target[1], True)
+        status.run_id, status.round = e.run_id, e.round
+        if isinstance(e, Commit):
+            status.update_sha256 = e.update_sha256
+        if isinstance(e, Reserve):
+            status.parameters = {k: raw[k] for k in (*_MECHANISM, "max_epsilon", "epsilon", "epsilon_rdp")}
+            status.parameters["accountant"] = e.accountant
+            status.private = not e.seeded_noise
+        if isinstance(e, Release):
+            status.private = False
+        if isinstance(e, Reserve | Release):
+            spending.append(e)
+    audit.findings.extend(found.findings)
+    for s in audit.entries:  # the checker's failing lines
+        s.ok = s.ok and not any(f.line == s.line and f.severity == "error" for f in found.findings)
+    return spending
 
 
-def _check_epsilon(audit: LedgerAudit, rtol: float) -> None:
-    """Recompute every reservation's cumulative epsilon from all reservations up to it."""
+def _check_epsilon(audit: LedgerAudit, spending: list[Reserve | Release], rtol: float) -> None:
+    """Recompute every reservation's cumulative epsilon; flag what is not private."""
     history: list[tuple[float, float, int]] = []
-    ledger_delta: float | None = None
-    for status in audit.entries:
-        p = status.parameters
-        if not p:
+    released: Release | None = None
+    line_of = {s.seq: s.line for s in audit.entries}
+    installed = f"opacus {version('opacus')}"
+    for e in spending:
+        line = line_of.get(e.seq)
+        if isinstance(e, Release):
+            released = released or e
+            audit.error(
+                line, e.seq, "not-private",
+                f"round {e.round} of run {e.run_id} was trained WITHOUT differential privacy: its records "
+                "are "
+                "released without any epsilon bound, and every later epsilon of this ledger is unbounded",
+            )  # fmt: skip
             continue
-        fail = functools.partial(audit.error, status.line, status.seq)
-        if not (p["noise_multiplier"] > 0 and 0 < p["sample_rate"] <= 1 and p["steps"] >= 1):
-            fail("epsilon", f"invalid mechanism parameters {p}")
-            continue
-        if not 0 < p["delta"] < 1:
-            fail("epsilon", f"delta {p['delta']!r} is not in (0, 1)")
-            continue
-        history.append((float(p["noise_multiplier"]), float(p["sample_rate"]), int(p["steps"])))
-        if ledger_delta is None:
-            ledger_delta = float(p["delta"])
-        elif p["delta"] != ledger_delta:
-            fail("epsilon", f"delta {p['delta']:g} differs from the ledger's {ledger_delta:g}")
-        eps, eps_rdp = recompute_epsilon(tuple(history), ledger_delta)
+        if released is not None:
+            audit.error(
+                line, e.seq, "budget", f"DP reservation after the non-private release at seq {released.seq}"
+            )
+        if e.seeded_noise:
+            audit.error(
+                line, e.seq, "not-private",
+                "the DP noise of this round was seeded (reproducible): whoever knows the seed can remove it, "
+                "so its epsilon is not a privacy guarantee (test runs only)",
+            )  # fmt: skip
+        settings = {**_DEFAULT_SETTINGS, **{k: v for k, v in e.accounting.items() if k in _DEFAULT_SETTINGS}}
+        library = e.accounting.get("library")
+        if library and library != installed:
+            audit.warn(line, e.seq, "epsilon", f"recorded with {library}, recomputed with {installed}")
+        history.append((float(e.noise_multiplier), float(e.sample_rate), int(e.steps)))
+        eps, eps_rdp = recompute_epsilon(
+            tuple(history), float(e.delta), float(settings["prv_eps_error"]), float(settings["rdp_above"])
+        )
+        status = next(s for s in audit.entries if s.seq == e.seq and s.line == line)
         status.epsilon_recomputed, status.epsilon_rdp_recomputed = eps, eps_rdp
-        for name, fresh in (("epsilon", eps), ("epsilon_rdp", eps_rdp)):
-            recorded = p[name]
+        for name, recorded, fresh in (("epsilon", e.epsilon, eps), ("epsilon_rdp", e.epsilon_rdp, eps_rdp)):
             if recorded < fresh * (1 - rtol):
-                fail(
-                    "epsilon",
+                audit.error(
+                    line, e.seq, "epsilon",
                     f"recorded cumulative {name} {recorded:.4f} is LOWER than the {fresh:.4f} its parameters "
                     f"imply (relative tolerance {rtol:g}): privacy spend under-reported",
-                )
+                )  # fmt: skip
             elif recorded > fresh * (1 + rtol):
                 message = f"recorded {name} {recorded:.4f} exceeds the recomputed {fresh:.4f} (conservative)"
-                audit.warn(status.line, status.seq, "epsilon", message)
-        rdp = p["accountant"] == "rdp"
-        recorded, fresh = (p["epsilon_rdp"], eps_rdp) if rdp else (p["epsilon"], eps)
-        if recorded > p["max_epsilon"] or fresh > p["max_epsilon"] * (1 + rtol):
-            fail("budget", f"epsilon {max(recorded, fresh):.4f} exceeds max_epsilon {p['max_epsilon']:g}")
+                audit.warn(line, e.seq, "epsilon", message)
+        recorded, fresh = (e.epsilon_rdp, eps_rdp) if e.accountant == "rdp" else (e.epsilon, eps)
+        if recorded > e.max_epsilon or fresh > e.max_epsilon * (1 + rtol):
+            audit.error(
+                line,
+                e.seq,
+                "budget",
+                f"epsilon {max(recorded, fresh):.4f} exceeds max_epsilon {e.max_epsilon:g}",
+            )
+
+
+def _check_head(audit: LedgerAudit, head_path: Path) -> None:
+    """The ledger must still hold the entry its head record names."""
+    try:
+        head = read_head(head_path)
+    except LedgerError as exc:
+        audit.error(None, None, "head", str(exc))
+        return
+    if head is None:
+        return
+    audit.head = str(head_path)
+    hashes = []
+    for seq in range(len(audit.raw)):
+        if seq not in audit.raw:
+            break
+        hashes.append(str(audit.raw[seq].get("hash")))
+    for problem in check_head(hashes, head, head_path):
+        audit.error(None, head.seq, "head", problem)
+    if audit.verifier is not None and not signature_ok(head, audit.verifier):
+        audit.error(None, head.seq, "head", f"the head record {head_path} is not signed with the site's key")
 
 
 def verify_ledgers(
@@ -294,6 +313,7 @@ def verify_ledgers(
     *,
     pubkeys: Mapping[str, Path] | Path | None = None,
     receipts: Path | None = None,
+    heads: Mapping[str, Path] | None = None,
     rtol: float = EPSILON_RTOL,
 ) -> AuditResult:
     """Verify site ledgers offline; see ``docs/ledger.md`` for every check.
@@ -308,6 +328,8 @@ def verify_ledgers(
         the mapping is a failure.
     receipts
         The coordinator's ``receipts.jsonl`` or the run folder holding it.
+    heads
+        Site name -> head record; by default ``<site>.head.json`` beside each ledger, when present.
     rtol
         Relative tolerance of the epsilon recomputation.
 
@@ -334,14 +356,19 @@ def verify_ledgers(
             key = Path(key)
             verifiers.setdefault(key, load_verifier(key))
             audit.key_fingerprint = public_key_fingerprint(key)
+            audit.verifier = verifiers[key]
         if not path.is_file():
-            audit.error(None, None, "format", "ledger file not found")
+            audit.error(None, None, "format", "ledger file not found" if not path.is_dir() else "is a folder")
             continue
-        _check_chain(audit, verifiers[key] if key is not None else None)
-        _check_epsilon(audit, rtol)
+        _check_epsilon(audit, _statuses(audit, audit.verifier), rtol)
+        if not audit.entries:
+            audit.error(None, None, "format", "the ledger is empty: a site that trained always has entries")
+        head = (heads or {}).get(audit.site, path.with_name(f"{audit.site}.head.json"))
+        if Path(head).is_file() or (heads and audit.site in heads):
+            _check_head(audit, Path(head))
     result = AuditResult(audits)
     if receipts is not None:
         receipts_file = Path(receipts) / RECEIPTS_NAME if Path(receipts).is_dir() else Path(receipts)
         result.receipts_path = str(receipts_file)
-        _check_receipts(audits, receipts_file, result.receipt_findings)
+        result.receipt_findings = check_receipts(audits, receipts_file)
     return result

@@ -16,6 +16,7 @@ import logging
 import os
 import stat
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
@@ -28,11 +29,15 @@ __all__ = [
     "PRIVATE_KEY_NAME",
     "PUBLIC_KEY_NAME",
     "KeyFileError",
+    "SigningKey",
     "generate_keypair",
     "load_public_key",
     "load_signer",
+    "load_signing_key",
     "load_verifier",
     "public_key_fingerprint",
+    "public_key_from_pem",
+    "verifier_for",
 ]
 
 logger = logging.getLogger(__name__)
@@ -152,8 +157,17 @@ def _load_private(path: Path, passphrase: bytes | None) -> Ed25519PrivateKey:
     return key
 
 
-def load_signer(private_path: Path, passphrase: bytes | None = None) -> Callable[[bytes], str]:
-    """Load a private key and return ``message bytes -> base64 Ed25519 signature``.
+@dataclass(frozen=True)
+class SigningKey:
+    """A site's ledger key: ``sign`` (bytes -> base64 signature) and the public half to hand out."""
+
+    sign: Callable[[bytes], str]
+    public_pem: str
+    fingerprint: str
+
+
+def load_signing_key(private_path: Path, passphrase: bytes | None = None) -> SigningKey:
+    """Load a private key with its public PEM and fingerprint.
 
     Raises
     ------
@@ -165,7 +179,14 @@ def load_signer(private_path: Path, passphrase: bytes | None = None) -> Callable
     def sign(message: bytes) -> str:
         return base64.b64encode(key.sign(message)).decode("ascii")
 
-    return sign
+    public = key.public_key()
+    pem = public.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return SigningKey(sign, pem.decode("ascii"), public_key_fingerprint(public))
+
+
+def load_signer(private_path: Path, passphrase: bytes | None = None) -> Callable[[bytes], str]:
+    """Load a private key and return ``message bytes -> base64 Ed25519 signature``."""
+    return load_signing_key(private_path, passphrase).sign
 
 
 def load_public_key(public_path: Path) -> Ed25519PublicKey:
@@ -198,7 +219,20 @@ def load_verifier(public_path: Path) -> Callable[[bytes, str], bool]:
 
     The verifier returns ``False`` (never raises) for a malformed or wrong signature.
     """
-    key = load_public_key(public_path)
+    return verifier_for(load_public_key(public_path))
+
+
+def public_key_from_pem(text: str) -> Ed25519PublicKey | None:
+    """The Ed25519 public key in PEM ``text`` (as a site sends it), or ``None`` if it is not one."""
+    try:
+        key = serialization.load_pem_public_key(text.encode("ascii"))
+    except (ValueError, UnsupportedAlgorithm, UnicodeEncodeError, TypeError):
+        return None
+    return key if isinstance(key, Ed25519PublicKey) else None
+
+
+def verifier_for(key: Ed25519PublicKey) -> Callable[[bytes, str], bool]:
+    """``(message, base64 signature) -> valid`` for ``key``; never raises for a malformed signature."""
 
     def verify(message: bytes, signature: str) -> bool:
         try:

@@ -1,104 +1,152 @@
-"""Append-only, hash-chained privacy ledger: one JSONL file per site.
+"""Append-only, hash-chained privacy ledger: one JSONL file per site, anchored by a head record.
 
-Each round is written *before* training as a ``reserve`` entry (write-ahead), so a
-crash after the reservation still counts the round as spent. After training a
-``commit`` entry records what was sent; a refused request becomes a ``refuse`` entry.
+Each DP round is written *before* training as a ``reserve`` entry (write-ahead), so a crash after the
+reservation still counts the round as spent; ``commit`` records what was sent, ``abort`` a reserved round
+that sent nothing, ``release`` a round trained without DP, ``refuse`` a refused request (entry types:
+:mod:`privacy.ledger_entries`). Nothing is ever rewritten or deleted.
 
-Every line is one JSON object (sorted keys, compact separators) with ``seq``
-(0, 1, 2, ...), ``kind``, ``time`` (UTC ISO 8601), ``prev_hash`` (the previous
-entry's ``hash``; ``"0" * 64`` first) and ``hash``, the SHA-256 hex of
-:func:`canonical_bytes` (the entry without ``hash`` and ``signature``). Editing a
-value, deleting or reordering lines breaks the chain; truncating the *tail* needs
-an outside anchor (e.g. a receipt the coordinator keeps) to be detected.
+Before every read or write the whole file is re-checked by the same checker the auditor runs
+(:func:`privacy.ledger_checks.walk`), against the head record kept outside the ledger's folder
+(:mod:`privacy.ledger_head`) and, when the coordinator sends one, against the last entry the coordinator
+saw. A ledger that fails any check is never written to: starting over would reset the site's budget.
 
-Signatures are an extension point: ``signer`` maps canonical bytes to a string
-stored as ``signature``; ``verifier`` checks it. Key management lives elsewhere.
-
-Writers hold an exclusive ``fcntl.flock`` on the sidecar ``<ledger>.lock`` while
-they read, decide and append; readers hold a shared one. Each entry is written as
-one full line to a descriptor opened with ``O_APPEND``, then ``os.fsync``-ed.
-Nothing is ever rewritten or deleted.
+Writers hold an exclusive ``fcntl.flock`` on ``<ledger>.lock`` while they read, decide and append
+(:meth:`PrivacyLedger.transaction`); readers hold a shared one. Each entry is one full line written to a
+descriptor opened with ``O_APPEND``, then ``os.fsync``-ed; the head record is replaced atomically after.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import json
+import math
 import os
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from common.errors import BudgetExceededError, ConfigError, PolicyViolationError
-from privacy.accounting import MechanismStep, epsilon
-from privacy.ledger_checks import (
-    _DONT_EDIT,
-    _SHA256_HEX,
+from privacy.accounting import ACCOUNTANTS, MechanismStep, accounting_settings, epsilon
+from privacy.ledger_checks import LedgerError, walk
+from privacy.ledger_entries import (
     GENESIS_HASH,
-    LedgerError,
-    _check_reserve_args,
-    _finite,
-    _int_at_least,
+    Abort,
+    Commit,
+    Entry,
+    Refuse,
+    Release,
+    Reserve,
     canonical_bytes,
-    check_lines,
-    parse_entry,
+    entry_hash,
+    from_dict,
+    is_sha256,
 )
+from privacy.ledger_head import check_head, read_head, write_head
 
-__all__ = ["GENESIS_HASH", "LedgerError", "PrivacyLedger", "canonical_bytes"]
+__all__ = ["GENESIS_HASH", "LedgerError", "LedgerState", "PrivacyLedger", "Transaction", "canonical_bytes"]
+
+Signer = Callable[[bytes], str]
+Verifier = Callable[[bytes, str], bool]
 
 
-class PrivacyLedger:
-    """One site's privacy ledger.
+class LedgerState:
+    """Queries over a verified ledger's entries (what the budget gate and the site ask)."""
 
-    Parameters
-    ----------
-    path
-        The JSONL file (created on first append; its folder must exist).
-    signer
-        Optional ``canonical bytes -> signature``, applied to every new entry.
-    verifier
-        Optional ``(canonical bytes, signature) -> valid``; when given, every entry
-        must carry a valid signature.
-    """
+    def __init__(self, entries: Sequence[Entry]) -> None:
+        self.entries: tuple[Entry, ...] = tuple(entries)
 
-    def __init__(
-        self,
-        path: Path,
-        *,
-        signer: Callable[[bytes], str] | None = None,
-        verifier: Callable[[bytes, str], bool] | None = None,
-    ) -> None:
-        self.path = Path(path)
-        self.lock_path = self.path.with_name(self.path.name + ".lock")
-        self._signer = signer
-        self._verifier = verifier
+    @property
+    def head(self) -> tuple[int, str] | None:
+        """``(seq, hash)`` of the last entry, ``None`` for an empty ledger."""
+        return (self.entries[-1].seq, self.entries[-1].hash) if self.entries else None
 
-    def entries(self) -> list[dict[str, Any]]:
-        """All entries in file order; raises :class:`LedgerError` naming ``path:line`` if one is corrupt."""
-        with self._locked(fcntl.LOCK_SH):
-            return [parse_entry(self.path, n, text) for n, text in self._lines()]
+    def reserves(self, run_id: str | None = None) -> list[Reserve]:
+        """Every DP reservation (of one run, if given), committed or not: all of them count."""
+        return [e for e in self.entries if isinstance(e, Reserve) and run_id in (None, e.run_id)]
 
-    def history(self) -> list[MechanismStep]:
-        """Mechanisms of ALL reservations, committed or not (a crash mid-round still counts)."""
-        return self._history(self.entries())
+    def history(self, run_id: str | None = None) -> list[MechanismStep]:
+        """The mechanisms of those reservations, for the accountant."""
+        return [MechanismStep(r.noise_multiplier, r.sample_rate, r.steps) for r in self.reserves(run_id)]
 
-    def spent(self, *, delta: float, accountant: str = "prv") -> float:
-        """Cumulative epsilon of every reservation at ``delta``."""
-        return epsilon(self.history(), delta=delta, accountant=accountant)
+    @property
+    def release(self) -> Release | None:
+        """The first round trained without DP, if any: from then on epsilon is unbounded."""
+        return next((e for e in self.entries if isinstance(e, Release)), None)
 
-    def verify_chain(self) -> list[str]:
-        """Check seq numbers, hash links, entry hashes, commit references and signatures.
+    @property
+    def delta(self) -> float | None:
+        """The delta of the ledger's reservations (all share the first one's)."""
+        reserves = self.reserves()
+        return reserves[0].delta if reserves else None
 
-        Returns
-        -------
-        list of str
-            One ``path:line: problem`` message per problem; empty if the ledger is intact.
-        """
-        with self._locked(fcntl.LOCK_SH):
-            return self._check(self._lines())[1]
+    def epsilon(self, *, delta: float, accountant: str = "prv", run_id: str | None = None) -> float:
+        """Cumulative epsilon (of one run, if given); ``inf`` once records were released without DP."""
+        if self.release is not None and (run_id is None or run_id == self.release.run_id):
+            return math.inf
+        return epsilon(self.history(run_id), delta=delta, accountant=accountant)
+
+    def highest_round(self, run_id: str) -> int | None:
+        """The highest round of ``run_id`` that was reserved (DP or not)."""
+        rounds = [e.round for e in self.entries if isinstance(e, Reserve | Release) and e.run_id == run_id]
+        return max(rounds, default=None)
+
+    def attempts(self, run_id: str, rnd: int) -> int:
+        """How often round ``rnd`` of ``run_id`` was reserved (a crashed round may be retried)."""
+        return sum(
+            isinstance(e, Reserve | Release) and (e.run_id, e.round) == (run_id, rnd) for e in self.entries
+        )
+
+    def committed(self, run_id: str, rnd: int) -> bool:
+        """Whether round ``rnd`` of ``run_id`` was trained and sent."""
+        return any(isinstance(e, Commit) and (e.run_id, e.round) == (run_id, rnd) for e in self.entries)
+
+    def open(self, seq: int) -> Reserve | Release | None:
+        """The reservation ``seq`` if it may still be committed (not closed, not superseded by a retry)."""
+        target = next((e for e in self.entries if e.seq == seq and isinstance(e, Reserve | Release)), None)
+        if target is None:
+            return None
+        for e in self.entries[seq + 1 :]:
+            closes = isinstance(e, Commit | Abort) and e.reserve_seq == seq
+            retried = isinstance(e, Reserve | Release) and (e.run_id, e.round) == (
+                target.run_id,
+                target.round,
+            )
+            if closes or retried:
+                return None
+        return target
+
+    def reused_noise(self, run_id: str, sample_rate: float, steps: int) -> float | None:
+        """The noise a run already calibrated for this sample rate and step count (rounds share it)."""
+        for r in reversed(self.reserves(run_id)):
+            if r.sample_rate == sample_rate and r.steps == steps:
+                return r.noise_multiplier
+        return None
+
+
+class Transaction:
+    """Appends under the ledger's exclusive lock; ``state`` follows every append."""
+
+    def __init__(self, ledger: PrivacyLedger, entries: list[Entry]) -> None:
+        self._ledger = ledger
+        self.state = LedgerState(entries)
+
+    def append(self, fields: Mapping[str, Any]) -> Entry:
+        """Write one entry (one ``O_APPEND`` line, fsync), then the head record; return it typed."""
+        entries = list(self.state.entries)
+        raw: dict[str, Any] = {**fields, "seq": len(entries), "time": datetime.now(UTC).isoformat()}
+        raw["prev_hash"] = entries[-1].hash if entries else GENESIS_HASH
+        raw["hash"] = entry_hash(raw)
+        if self._ledger.signer is not None:
+            raw["signature"] = self._ledger.signer(canonical_bytes(raw))
+        entry, problems = from_dict(raw)
+        if entry is None:  # a programming error: never write what the checker would reject
+            raise LedgerError(self._ledger.path, None, f"refusing to write a malformed entry: {problems}")
+        self._ledger._write_line(json.dumps(raw, sort_keys=True, separators=(",", ":"), allow_nan=False))
+        self.state = LedgerState([*entries, entry])
+        self._ledger._write_head(entry)
+        return entry
 
     def reserve(
         self,
@@ -111,31 +159,9 @@ class PrivacyLedger:
         max_epsilon: float,
         data_fingerprint: str,
         accountant: str = "prv",
-    ) -> dict[str, Any]:
-        """Reserve budget for one round before training (write-ahead).
-
-        Parameters
-        ----------
-        round, run_id
-            Identify the request; a run may reserve each round once.
-        step
-            The DP-SGD mechanism the round will run.
-        max_grad_norm
-            Per-sample clipping norm (recorded for auditors).
-        delta
-            Must equal the delta of every earlier reservation in this ledger.
-        max_epsilon
-            The site's budget, compared with the ``accountant``'s cumulative epsilon
-            (both PRV ``epsilon`` and ``epsilon_rdp`` are recorded).
-        data_fingerprint
-            Identifies the exact training data.
-        accountant
-            ``"prv"`` or ``"rdp"``.
-
-        Returns
-        -------
-        dict
-            The ``reserve`` entry as written; pass its ``seq`` to :meth:`commit`.
+        seeded_noise: bool = False,
+    ) -> Reserve:
+        """Reserve budget for one round; refuse (and record) past ``max_epsilon`` or a trained round.
 
         Raises
         ------
@@ -143,131 +169,251 @@ class PrivacyLedger:
             The round would exceed ``max_epsilon`` (a ``refuse`` entry is appended).
         PolicyViolationError
             This run already trained (committed) this round (a ``refuse`` entry is appended).
-            A reservation never committed (a crash) may be retried; both count.
         ConfigError
             An invalid argument, or ``delta`` differs from the ledger's (then ``refuse`` is appended).
-        LedgerError
-            The ledger is corrupt or fails verification; nothing is appended.
         """
-        _check_reserve_args(round, run_id, max_grad_norm, delta, max_epsilon, data_fingerprint)
-        epsilon([], delta=delta, accountant=accountant)  # validates the accountant name
-        with self._locked(fcntl.LOCK_EX):
-            entries, broken = self._check(self._lines())
-            if broken:
-                raise LedgerError(self.path, None, f"fails verification, refusing to train: {broken[:5]}")
-            history = self._history(entries)
-            after = [*history, step]
-            reserved = [e for e in entries if e.get("kind") == "reserve"]
-            ledger_delta = float(reserved[0]["delta"]) if reserved else delta
-            request = {"round": round, "run_id": run_id, "delta": delta, "max_epsilon": max_epsilon}
-            request |= {"noise_multiplier": step.noise_multiplier, "sample_rate": step.sample_rate}
-            request |= {"steps": step.steps, "max_grad_norm": max_grad_norm, "accountant": accountant}
-
-            def refuse(reason: str) -> None:
-                requested = epsilon(after, delta=ledger_delta, accountant=accountant)
-                spent = epsilon(history, delta=ledger_delta, accountant=accountant)
-                fields = {"reason": reason, "requested_epsilon": requested, "spent_epsilon": spent}
-                self._append(entries, {"kind": "refuse", **request, **fields})
-
-            if _committed_round(entries, run_id, round):
-                reason = f"run {run_id!r} already trained round {round}; a round is never trained twice"
-                refuse(reason)
-                raise PolicyViolationError(f"{self.path}: refused: {reason}")
-            if delta != ledger_delta:
-                reason = (
-                    f"delta={delta:g} differs from delta={ledger_delta:g} of earlier reservations; "
-                    "epsilons at different deltas cannot be added up"
-                )
-                refuse(reason)
-                raise ConfigError(
-                    str(self.path), [f"{reason}. Fix: set the site policy's delta to {ledger_delta:g}"]
-                )
-            eps_prv = epsilon(after, delta=delta, accountant="prv")
-            eps_rdp = epsilon(after, delta=delta, accountant="rdp")
-            requested = eps_prv if accountant == "prv" else eps_rdp
-            if requested > max_epsilon:
-                spent = epsilon(history, delta=delta, accountant=accountant)
-                refuse(
-                    f"budget exceeded: epsilon would reach {requested:.4f} (spent {spent:.4f}) "
-                    f"> max-epsilon {max_epsilon:g} at delta {delta:g} ({accountant})"
-                )
-                raise BudgetExceededError(budget=max_epsilon, spent=spent, requested=requested, delta=delta)
-            fields = {"epsilon": eps_prv, "epsilon_rdp": eps_rdp, "data_fingerprint": data_fingerprint}
-            return self._append(entries, {"kind": "reserve", **request, **fields})
-
-    def record_refusal(self, *, round: int, run_id: str, reason: str) -> dict[str, Any]:
-        """Append a ``refuse`` entry for a request refused before any reservation.
-
-        (Budget and duplicate-round refusals are recorded by :meth:`reserve` itself.)
-        """
-        with self._locked(fcntl.LOCK_EX):
-            entries, broken = self._check(self._lines())
-            if broken:
-                raise LedgerError(self.path, None, f"fails verification, cannot record: {broken[:5]}")
-            return self._append(
-                entries, {"kind": "refuse", "round": round, "run_id": run_id, "reason": reason}
+        _check_reserve_args(round, run_id, max_grad_norm, delta, max_epsilon, data_fingerprint, accountant)
+        state = self.state
+        ledger_delta = state.delta if state.delta is not None else delta
+        after = [*state.history(), step]
+        who: dict[str, Any] = {"round": round, "run_id": run_id}
+        request: dict[str, Any] = {"delta": delta, "max_epsilon": max_epsilon, "accountant": accountant}
+        request |= {"noise_multiplier": step.noise_multiplier, "sample_rate": step.sample_rate}
+        request |= {"steps": step.steps, "max_grad_norm": max_grad_norm}
+        if state.committed(run_id, round):
+            reason = f"run {run_id!r} already trained round {round}; a round is never trained twice"
+            self.refuse(round=round, run_id=run_id, reason=reason, **request)
+            raise PolicyViolationError(f"{self._ledger.path}: refused: {reason}")
+        if delta != ledger_delta:
+            reason = (
+                f"delta={delta:g} differs from delta={ledger_delta:g} of earlier reservations; "
+                "epsilons at different deltas cannot be added up"
             )
+            self.refuse(round=round, run_id=run_id, reason=reason, **request)
+            raise ConfigError(
+                str(self._ledger.path), [f"{reason}. Fix: set the site policy's delta to {ledger_delta:g}"]
+            )
+        spent = state.epsilon(delta=delta, accountant=accountant)
+        eps_prv = math.inf if state.release else epsilon(after, delta=delta, accountant="prv")
+        eps_rdp = math.inf if state.release else epsilon(after, delta=delta, accountant="rdp")
+        requested = eps_prv if accountant == "prv" else eps_rdp
+        if requested > max_epsilon:
+            numbers = {
+                "requested_epsilon": _finite_or_none(requested),
+                "spent_epsilon": _finite_or_none(spent),
+            }
+            why = (
+                f"records were released WITHOUT differential privacy in round {state.release.round} of run "
+                f"{state.release.run_id} (entry seq {state.release.seq}): epsilon is unbounded"
+                if state.release
+                else f"epsilon would reach {requested:.4f} (spent {spent:.4f})"
+            )
+            reason = f"budget exceeded: {why} > max-epsilon {max_epsilon:g} at delta {delta:g} ({accountant})"
+            self.refuse(round=round, run_id=run_id, reason=reason, **request, **numbers)
+            raise BudgetExceededError(budget=max_epsilon, spent=spent, requested=requested, delta=delta)
+        fields = {"kind": "reserve", **who, **request, "epsilon": eps_prv, "epsilon_rdp": eps_rdp}
+        fields |= {"data_fingerprint": data_fingerprint, "seeded_noise": bool(seeded_noise)}
+        fields["accounting"] = accounting_settings()
+        entry = self.append(fields)
+        assert isinstance(entry, Reserve)
+        return entry
+
+    def release_round(self, *, round: int, run_id: str, data_fingerprint: str, reason: str) -> Release:
+        """Record, before training, a round that trains WITHOUT differential privacy."""
+        if self.state.committed(run_id, round):
+            why = f"run {run_id!r} already trained round {round}; a round is never trained twice"
+            self.refuse(round=round, run_id=run_id, reason=why)
+            raise PolicyViolationError(f"{self._ledger.path}: refused: {why}")
+        fields = {"kind": "release", "round": round, "run_id": run_id, "data_fingerprint": data_fingerprint}
+        entry = self.append(fields | {"reason": reason})
+        assert isinstance(entry, Release)
+        return entry
+
+    def close(self, kind: str, *, reserve_seq: int, **fields: Any) -> Entry:
+        """Append the ``commit`` or ``abort`` of an open reservation."""
+        target = self.state.open(reserve_seq)
+        if target is None:
+            known = any(e.seq == reserve_seq and isinstance(e, Reserve | Release) for e in self.state.entries)
+            why = "already committed, aborted or superseded by a retry" if known else "no such reservation"
+            raise LedgerError(self._ledger.path, None, f"cannot {kind} reservation {reserve_seq}: {why}")
+        return self.append(
+            {"kind": kind, "reserve_seq": reserve_seq, "round": target.round}
+            | {"run_id": target.run_id, **fields}
+        )
+
+    def refuse(self, *, round: int, run_id: str, reason: str, **details: Any) -> Refuse:
+        """Record a refused request (spends nothing)."""
+        entry = self.append({"kind": "refuse", "round": round, "run_id": run_id, "reason": reason, **details})
+        assert isinstance(entry, Refuse)
+        return entry
+
+
+class PrivacyLedger:
+    """One site's privacy ledger.
+
+    Parameters
+    ----------
+    path
+        The JSONL file (created on first append; its folder must exist).
+    signer
+        Optional ``canonical bytes -> signature``, applied to every new entry and the head record.
+    verifier
+        Optional ``(canonical bytes, signature) -> valid``; when given, every entry must verify.
+    head_path
+        The head record (outside the ledger's folder); ``None`` keeps no head (tests, read-only copies).
+    site
+        The site's name, written in the head record.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        signer: Signer | None = None,
+        verifier: Verifier | None = None,
+        head_path: Path | None = None,
+        site: str = "",
+    ) -> None:
+        self.path = Path(path)
+        self.lock_path = self.path.with_name(self.path.name + ".lock")
+        self.signer = signer
+        self._verifier = verifier
+        self.head_path = head_path
+        self.site = site
+
+    # ------------------------------------------------------------------ reading
+    def state(self, *, expect: tuple[int, str] | None = None) -> LedgerState:
+        """The verified ledger (shared lock); ``LedgerError`` naming the problem if any check fails."""
+        with self._locked(fcntl.LOCK_SH):
+            return LedgerState(self._verified(expect))
+
+    def entries(self) -> list[Entry]:
+        """All entries in file order (verified)."""
+        return list(self.state().entries)
+
+    def history(self) -> list[MechanismStep]:
+        """Mechanisms of ALL reservations, committed or not (a crash mid-round still counts)."""
+        return self.state().history()
+
+    def spent(self, *, delta: float, accountant: str = "prv") -> float:
+        """Cumulative epsilon of every reservation at ``delta`` (``inf`` after a non-private release)."""
+        return self.state().epsilon(delta=delta, accountant=accountant)
+
+    def verify_chain(self) -> list[str]:
+        """Every problem of the file as ``path:line: problem`` (empty if intact); never raises for content."""
+        with self._locked(fcntl.LOCK_SH):
+            found = walk(self.path, self._lines(), self._verifier)
+        return [f"{f.ledger}:{f.line}: {f.message}" for f in found.errors]
+
+    # ------------------------------------------------------------------ writing
+    @contextlib.contextmanager
+    def transaction(self, *, expect: tuple[int, str] | None = None) -> Iterator[Transaction]:
+        """Exclusive access to a verified ledger; ``expect`` = ``(seq, hash)`` the coordinator last saw."""
+        with self._locked(fcntl.LOCK_EX):
+            yield Transaction(self, self._verified(expect))
+
+    def reserve(self, **kwargs: Any) -> Reserve:
+        """:meth:`Transaction.reserve` in a transaction of its own."""
+        with self.transaction() as tx:
+            return tx.reserve(**kwargs)
 
     def commit(
         self, *, reserve_seq: int, update_sha256: str, num_examples: int, metrics: Mapping[str, float]
-    ) -> dict[str, Any]:
-        """Record the outcome of a reserved round; returns the ``commit`` entry as written.
-
-        Parameters
-        ----------
-        reserve_seq
-            ``seq`` of the entry returned by :meth:`reserve`.
-        update_sha256
-            SHA-256 hex digest of the update sent to the coordinator.
-        num_examples
-            Number of training examples.
-        metrics
-            Finite numbers, e.g. ``{"train_loss": 1.23}``.
-
-        Raises
-        ------
-        LedgerError
-            No such reservation, it is already committed, an argument is invalid,
-            or the ledger fails verification.
-        """
+    ) -> Commit:
+        """Record what a reserved round sent; ``LedgerError`` if it is not an open reservation."""
         problems = []
-        if not isinstance(update_sha256, str) or not _SHA256_HEX.fullmatch(update_sha256):
+        if not is_sha256(update_sha256):
             problems.append("update_sha256 must be 64 lowercase hex characters")
-        if not _int_at_least(num_examples, 0):
+        if isinstance(num_examples, bool) or not isinstance(num_examples, int) or num_examples < 0:
             problems.append(f"num_examples must be an integer >= 0, got {num_examples!r}")
         bad = [name for name, value in metrics.items() if not _finite(value)]
         if bad:
             problems.append(f"metrics {bad} must be finite numbers")
         if problems:
             raise LedgerError(self.path, None, "cannot commit: " + "; ".join(problems))
-        with self._locked(fcntl.LOCK_EX):
-            entries, broken = self._check(self._lines())
-            if broken:
-                raise LedgerError(self.path, None, f"fails verification, cannot commit: {broken[:5]}")
-            match = [e for e in entries if e.get("kind") == "reserve" and e.get("seq") == reserve_seq]
-            if not match:
-                raise LedgerError(self.path, None, f"cannot commit: no reservation with seq {reserve_seq}")
-            if any(e.get("kind") == "commit" and e.get("reserve_seq") == reserve_seq for e in entries):
-                raise LedgerError(
-                    self.path, None, f"cannot commit: reservation {reserve_seq} already committed"
-                )
-            key = (match[0]["run_id"], match[0]["round"])
-            if any(
-                e.get("kind") == "reserve"
-                and e["seq"] > reserve_seq
-                and (e.get("run_id"), e.get("round")) == key
-                for e in entries
-            ):
+        fields = {"update_sha256": update_sha256, "num_examples": num_examples}
+        fields["metrics"] = {str(k): float(v) for k, v in metrics.items()}
+        with self.transaction() as tx:
+            entry = tx.close("commit", reserve_seq=reserve_seq, **fields)
+        assert isinstance(entry, Commit)
+        return entry
+
+    def abort(self, *, reserve_seq: int, reason: str) -> Abort:
+        """Close a reservation that sent nothing (its epsilon stays counted)."""
+        with self.transaction() as tx:
+            entry = tx.close("abort", reserve_seq=reserve_seq, reason=reason)
+        assert isinstance(entry, Abort)
+        return entry
+
+    def record_refusal(self, *, round: int, run_id: str, reason: str) -> Refuse:
+        """Append a ``refuse`` entry for a request refused before any reservation."""
+        with self.transaction() as tx:
+            return tx.refuse(round=round, run_id=run_id, reason=reason)
+
+    # ------------------------------------------------------------------ internals
+    def _verified(self, expect: tuple[int, str] | None) -> list[Entry]:
+        found = walk(self.path, self._lines(), self._verifier)
+        if found.errors:
+            shown = "; ".join(f"line {f.line}: {f.message}" for f in found.errors[:5])
+            raise LedgerError(self.path, None, f"fails verification, refusing to use it: {shown}")
+        entries = found.entries
+        hashes = [e.hash for e in entries]
+        if self.head_path is not None:
+            self._check_head(hashes)
+        if expect is not None and expect[0] >= 0:
+            seq, digest = expect
+            if not (seq < len(hashes) and hashes[seq] == digest):
+                have = f"holds {len(hashes)} entries" if hashes else "is empty or missing"
                 raise LedgerError(
                     self.path,
                     None,
-                    f"cannot commit: reservation {reserve_seq} was superseded by a retry of "
-                    f"round {key[1]} (its epsilon stays counted)",
+                    f"the coordinator last saw entry seq {seq} (hash {digest[:12]}...) of this site's "
+                    "ledger, "
+                    f"but the ledger {have}{' and that entry differs' if seq < len(hashes) else ''}: it was "
+                    "cut, rolled back or replaced. Fix: restore the ledger from backup; a new ledger would "
+                    "reset the site's privacy budget",
                 )
-            fields = {"reserve_seq": reserve_seq, "round": match[0]["round"], "run_id": match[0]["run_id"]}
-            fields |= {"update_sha256": update_sha256, "num_examples": num_examples}
-            fields["metrics"] = {str(k): float(v) for k, v in metrics.items()}
-            return self._append(entries, {"kind": "commit", **fields})
+        return entries
+
+    def _check_head(self, hashes: list[str]) -> None:
+        assert self.head_path is not None
+        head = read_head(self.head_path)
+        if head is None:
+            if hashes:
+                raise LedgerError(
+                    self.path,
+                    None,
+                    f"the ledger holds {len(hashes)} entries but its head record {self.head_path} is "
+                    "missing, so a cut end cannot be ruled out. Fix: restore the head record from backup "
+                    "(or, after `fedtune audit verify` of this ledger against the coordinator's receipts, "
+                    "anchor it again with `fedtune site anchor POLICY`)",
+                )
+            return
+        problems = check_head(hashes, head, self.head_path)
+        if self.signer is not None and head.signature != self.signer(canonical_bytes(head.body())):
+            problems.append(f"the head record {self.head_path} is not signed with this site's ledger key")
+        if head.site and self.site and head.site != self.site:
+            problems.append(
+                f"the head record {self.head_path} belongs to site {head.site!r}, not {self.site!r}"
+            )
+        if problems and head.ledger != str(self.path):
+            problems.append(
+                f"the head record says this site's ledger was at {head.ledger}: if the state-dir moved, "
+                "point [site] state-dir back at it (or move the whole folder there)"
+            )
+        if problems:
+            raise LedgerError(self.path, None, " ".join(problems))
+
+    def _write_head(self, entry: Entry) -> None:
+        if self.head_path is not None:
+            write_head(
+                self.head_path,
+                site=self.site,
+                ledger=self.path,
+                seq=entry.seq,
+                hash=entry.hash,
+                signer=self.signer,
+            )
 
     @contextlib.contextmanager
     def _locked(self, mode: int) -> Iterator[None]:
@@ -278,7 +424,12 @@ class PrivacyLedger:
                 "the ledger's folder does not exist. Fix: create it or correct the ledger path "
                 "(starting a new, empty ledger would reset the site's privacy budget)",
             )
-        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        if self.path.is_dir():
+            raise LedgerError(self.path, None, "is a folder, not a ledger file. Fix: restore the ledger file")
+        try:
+            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            raise LedgerError(self.lock_path, None, f"cannot open the ledger lock ({exc.strerror})") from None
         try:
             fcntl.flock(fd, mode)
             yield
@@ -288,44 +439,28 @@ class PrivacyLedger:
     def _lines(self) -> list[tuple[int, str]]:
         """``(line number, text)`` pairs; entry ``i`` is expected on line ``i + 1``."""
         try:
-            lines = self.path.read_text(encoding="utf-8").split("\n")
+            data = self.path.read_bytes()
         except FileNotFoundError:
             return []
+        except OSError as exc:
+            raise LedgerError(self.path, None, f"cannot read the ledger ({exc.strerror})") from None
+        try:
+            lines = data.decode("utf-8").split("\n")
+        except UnicodeDecodeError as exc:
+            raise LedgerError(
+                self.path,
+                None,
+                f"is not a text ledger (byte {exc.start} is not UTF-8). Fix: restore it from backup",
+            ) from None
         if lines[-1] == "":
             lines.pop()
         return list(enumerate(lines, start=1))
 
-    def _check(self, lines: list[tuple[int, str]]) -> tuple[list[dict[str, Any]], list[str]]:
-        """Parse and verify ``lines``; returns the readable entries and every problem found."""
-        return check_lines(self.path, lines, self._verifier)
-
-    def _history(self, entries: list[dict[str, Any]]) -> list[MechanismStep]:
-        history = []
-        for lineno, entry in enumerate(entries, start=1):
-            if entry.get("kind") == "reserve":
-                try:
-                    history.append(
-                        MechanismStep(entry["noise_multiplier"], entry["sample_rate"], entry["steps"])
-                    )
-                except (KeyError, ConfigError) as exc:
-                    raise LedgerError(
-                        self.path, lineno, f"invalid reservation ({exc!r}). {_DONT_EDIT}"
-                    ) from exc
-        return history
-
-    def _append(self, entries: list[dict[str, Any]], fields: dict[str, Any]) -> dict[str, Any]:
-        """Append one entry (one O_APPEND write of a full line, then fsync) and return it."""
-        entry = {**fields, "seq": len(entries), "time": datetime.now(UTC).isoformat()}
-        entry["prev_hash"] = entries[-1]["hash"] if entries else GENESIS_HASH
-        body = canonical_bytes(entry)
-        entry["hash"] = hashlib.sha256(body).hexdigest()
-        if self._signer is not None:
-            entry["signature"] = self._signer(body)
-        line = json.dumps(entry, sort_keys=True, separators=(",", ":"), allow_nan=False) + "\n"
+    def _write_line(self, line: str) -> None:
         created = not self.path.exists()
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         try:
-            view = memoryview(line.encode("ascii"))
+            view = memoryview((line + "\n").encode("ascii"))
             while view:  # one call normally writes it all; loop in case of a short write
                 view = view[os.write(fd, view) :]
             os.fsync(fd)
@@ -337,16 +472,37 @@ class PrivacyLedger:
                 os.fsync(dir_fd)
             finally:
                 os.close(dir_fd)
-        entries.append(entry)
-        return entry
 
 
-def _committed_round(entries: list[dict[str, Any]], run_id: str, round: int) -> bool:
-    """Whether ``run_id``'s ``round`` was already trained (a reservation of it was committed)."""
-    committed = {e.get("reserve_seq") for e in entries if e.get("kind") == "commit"}
-    return any(
-        e.get("kind") == "reserve"
-        and (e.get("run_id"), e.get("round")) == (run_id, round)
-        and e["seq"] in committed
-        for e in entries
-    )
+def _finite(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _finite_or_none(value: float) -> float | None:
+    return value if math.isfinite(value) else None
+
+
+def _check_reserve_args(
+    round: int,
+    run_id: str,
+    max_grad_norm: float,
+    delta: float,
+    max_epsilon: float,
+    fingerprint: str,
+    accountant: str,
+) -> None:
+    checks = [
+        (
+            isinstance(round, int) and not isinstance(round, bool) and round >= 0,
+            f"round must be an integer >= 0, got {round!r}",
+        ),
+        (isinstance(run_id, str) and bool(run_id), "run_id must be a non-empty string"),
+        (_finite(max_grad_norm) and max_grad_norm > 0, f"max_grad_norm must be > 0, got {max_grad_norm!r}"),
+        (_finite(delta) and 0 < delta < 1, f"delta must be in (0, 1), got {delta!r}"),
+        (_finite(max_epsilon) and max_epsilon > 0, f"max_epsilon must be > 0, got {max_epsilon!r}"),
+        (isinstance(fingerprint, str) and bool(fingerprint), "data_fingerprint must be a non-empty string"),
+        (accountant in ACCOUNTANTS, f"accountant must be one of {ACCOUNTANTS}, got {accountant!r}"),
+    ]
+    problems = [message for ok, message in checks if not ok]
+    if problems:
+        raise ConfigError("ledger reservation", problems)

@@ -1,101 +1,125 @@
 """Receipts cross-check of the ledger audit (see ``docs/ledger.md``).
 
-The coordinator keeps ``receipts.jsonl``: one receipt per accepted site update, naming the
-ledger entry (``seq``, ``hash``, ``run_id``, ``round``) and the ``update_sha256`` it received.
-A ledger that was truncated or rewritten after the coordinator accepted its updates no longer
-matches them. :class:`Finding` is the problem record every audit check reports.
+With every reply a site sends the ledger entry that answered the request -- the ``commit`` of a trained
+round, the ``refuse`` of a refused one -- exactly as written, signed. The coordinator checks it, and keeps
+it in ``receipts.jsonl`` as one line ``{"site": NAME, "entry": {...}}``. A ledger cut, rolled back or
+rewritten after the coordinator saw its entries no longer matches them.
 
-For every receipt of a site whose ledger is audited, the entry with the receipt's ``seq`` must
-exist and agree on ``hash``, ``signature`` (when the receipt has one), ``kind`` (a commit),
-``run_id``, ``round`` and ``update_sha256``; any difference is an error. A commit of a receipted
-run without a receipt, or a receipt for a site whose ledger was not given, is a warning.
+For every receipt of a site whose ledger is audited: the receipt's own hash and (with the site's key)
+signature must hold, and the ledger entry of the same ``seq`` must be identical to it. A commit of a
+receipted run without a receipt, or a receipt for a site whose ledger was not given, is a warning.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-if TYPE_CHECKING:
-    from privacy.audit import LedgerAudit
+from privacy.ledger_checks import Finding, parse_json
+from privacy.ledger_entries import canonical_bytes, entry_hash
 
-__all__ = ["RECEIPTS_NAME", "RECEIPT_FIELDS", "Finding"]
+__all__ = ["RECEIPTS_NAME", "ReceiptTarget", "check_receipts", "receipt_line"]
 
 RECEIPTS_NAME = "receipts.jsonl"
-RECEIPT_FIELDS = ("site", "round", "run_id", "seq", "hash", "update_sha256")
 
 
-@dataclass(frozen=True)
-class Finding:
-    """One problem: where (ledger file, line, seq), which check, and why."""
-
-    ledger: str
-    line: int | None
+class _Status(Protocol):
     seq: int | None
-    check: str
-    message: str
-    severity: str = "error"  # "error" fails verification, "warning" does not
-
-    def __str__(self) -> str:
-        where = self.ledger + (f":{self.line}" if self.line is not None else "")
-        entry = f" entry seq {self.seq}" if self.seq is not None else ""
-        return f"{self.severity.upper()} {where}{entry} [{self.check}]: {self.message}"
+    line: int
+    kind: str | None
+    run_id: str | None
 
 
-def _load_receipts(path: Path, findings: list[Finding]) -> list[tuple[int, dict[str, Any]]]:
-    """``(line, receipt)`` pairs of a receipts file; problems go to ``findings``."""
+class ReceiptTarget(Protocol):
+    """What the receipts check needs of one ledger's audit."""
+
+    site: str
+    raw: dict[int, dict[str, Any]]
+    receipts_checked: int
+
+    @property
+    def entries(self) -> Sequence[_Status]: ...
+
+    @property
+    def verifier(self) -> Callable[[bytes, str], bool] | None: ...
+
+    def error(self, line: int | None, seq: int | None, check: str, message: str) -> None: ...
+
+    def warn(self, line: int | None, seq: int | None, check: str, message: str) -> None: ...
+
+
+def receipt_line(site: str, entry: Mapping[str, Any]) -> str:
+    """One line of ``receipts.jsonl``."""
+    return json.dumps({"site": site, "entry": dict(entry)}, sort_keys=True)
+
+
+def _load(path: Path, findings: list[Finding]) -> list[tuple[int, str, dict[str, Any]]]:
+    """``(line, site, entry)`` of every well-formed receipt; problems go to ``findings``."""
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError as exc:
+        text = path.read_bytes().decode("utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
         findings.append(Finding(str(path), None, None, "receipt", f"cannot read the receipts file ({exc})"))
         return []
     receipts = []
-    for lineno, text in enumerate(lines, start=1):
-        try:
-            receipt = json.loads(text)
-        except ValueError as exc:
-            receipt = f"invalid JSON ({exc})"
-        ok = isinstance(receipt, dict)
-        missing = [k for k in RECEIPT_FIELDS if k not in receipt] if ok else [f"a JSON object, got {receipt}"]
-        if missing:
-            findings.append(Finding(str(path), lineno, None, "receipt", f"receipt lacks {missing}"))
-        else:
-            receipts.append((lineno, receipt))
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        raw, problem = parse_json(line)
+        entry = raw.get("entry") if raw else None
+        if raw is None or not isinstance(raw.get("site"), str) or not isinstance(entry, dict):
+            why = problem or 'not {"site": NAME, "entry": {...}}'
+            findings.append(Finding(str(path), lineno, None, "receipt", f"malformed receipt ({why})"))
+            continue
+        if not isinstance(entry.get("seq"), int):
+            findings.append(Finding(str(path), lineno, None, "receipt", "receipt entry has no integer seq"))
+            continue
+        receipts.append((lineno, raw["site"], entry))
     return receipts
 
 
-def _check_receipts(audits: list[LedgerAudit], receipts_file: Path, findings: list[Finding]) -> None:
-    """Every receipt of a site must match that site's ledger entry (seq, hash, round, update)."""
+def check_receipts(audits: Sequence[ReceiptTarget], receipts_file: Path) -> list[Finding]:
+    """Check every receipt against its site's ledger; return the findings about the file itself."""
+    findings: list[Finding] = []
     by_site = {a.site: a for a in audits}
-    receipted: dict[str, set[tuple[str, object]]] = {a.site: set() for a in audits}
-    for rline, r in _load_receipts(receipts_file, findings):
-        audit = by_site.get(str(r["site"]))
+    receipted: dict[str, set[tuple[object, int]]] = {a.site: set() for a in audits}
+    for rline, site, r in _load(receipts_file, findings):
+        audit = by_site.get(site)
         if audit is None:
-            message = f"receipt for site {r['site']!r}, whose ledger was not given"
+            message = f"receipt for site {site!r}, whose ledger was not given"
             findings.append(Finding(str(receipts_file), rline, None, "receipt", message, "warning"))
             continue
         audit.receipts_checked += 1
-        receipted[audit.site].add((str(r["run_id"]), r["seq"]))
-        source = f"receipt {receipts_file.name}:{rline} (run {r['run_id']}, round {r['round']})"
-        matches = [s for s in audit.entries if s.seq == r["seq"]]
-        if not matches:
-            message = f"{source} names entry seq {r['seq']}, which the ledger lacks: truncated or rewritten"
-            audit.error(None, r["seq"], "receipt", message)
+        seq = int(r["seq"])
+        receipted[site].add((r.get("run_id"), seq))
+        source = f"receipt {receipts_file.name}:{rline} (run {r.get('run_id')}, round {r.get('round')})"
+        if r.get("hash") != entry_hash(r):
+            audit.error(
+                None, seq, "receipt", f"{source} does not match its own hash: the receipt was altered"
+            )
             continue
-        s = matches[0]
-        if s.hash != r["hash"]:
-            audit.error(s.line, s.seq, "receipt", f"hash differs from {source}: the entry was rewritten")
-        if "signature" in r and r["signature"] != s.signature:
-            audit.error(s.line, s.seq, "receipt", f"signature differs from {source}: the entry was re-signed")
-        mine = (s.kind, s.run_id, s.round, s.update_sha256)
-        if mine != ("commit", r["run_id"], r["round"], r["update_sha256"]):
-            message = f"(kind, run_id, round, update_sha256) = {mine} disagree with {source}"
-            audit.error(s.line, s.seq, "receipt", message)
+        verify = audit.verifier
+        sig = r.get("signature")
+        if verify is not None and not (isinstance(sig, str) and verify(canonical_bytes(r), sig)):
+            audit.error(None, seq, "receipt", f"{source} is not signed with the site's key")
+        mine = audit.raw.get(seq)
+        line = next((s.line for s in audit.entries if s.seq == seq), None)
+        if mine is None:
+            message = f"{source} names entry seq {seq}, which the ledger lacks: it was cut or rolled back"
+            audit.error(None, seq, "receipt", message)
+        elif mine != r:
+            differ = sorted(k for k in set(mine) | set(r) if mine.get(k) != r.get(k))
+            audit.error(
+                line, seq, "receipt", f"fields {differ} differ from {source}: the entry was rewritten"
+            )
     for audit in audits:
         runs = {run for run, _ in receipted[audit.site]}
         for s in audit.entries:
-            if s.kind == "commit" and s.run_id in runs and (s.run_id, s.seq) not in receipted[audit.site]:
+            if (
+                s.kind == "commit"
+                and s.run_id in runs
+                and s.seq is not None
+                and (s.run_id, s.seq) not in receipted[audit.site]
+            ):
                 message = "commit has no receipt: the coordinator did not accept (or did not record) it"
                 audit.warn(s.line, s.seq, "receipt", message)
+    return findings

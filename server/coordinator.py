@@ -32,6 +32,7 @@ from common.modeling import (
     make_peft_model,
     model_fingerprint,
 )
+from privacy.receipts import receipt_line
 from server.checkpoint import (
     CheckpointError,
     CoordinatorState,
@@ -43,15 +44,10 @@ from server.checkpoint import (
     save_checkpoint,
 )
 from server.export import write_adapter, write_summary
+from server.registry import FEDERATION_NAME, SiteRegistry, load_site_keys
+from server.replies import SiteReply
 from server.secagg import check_secagg, secagg_train_round
-from server.strategy import (
-    SiteLevelDP,
-    SiteReply,
-    UpdateRules,
-    build_strategy,
-    triage_evaluate,
-    triage_train,
-)
+from server.strategy import Guard, SiteLevelDP, UpdateRules, build_strategy
 
 log = logging.getLogger(__name__)
 RoundCallback = Callable[[dict[str, Any]], None]
@@ -78,23 +74,36 @@ def _site_rows(train: list[SiteReply], evaluate: list[SiteReply]) -> dict[str, d
     return rows
 
 
+def check_run_config(cfg: RunConfig) -> None:
+    """Cross-field rules of a run config, checked before any model, site or Ray starts."""
+    _site_dp(cfg)
+    if cfg.secagg:
+        check_secagg(cfg)
+
+
+def federation_file(cfg: RunConfig) -> Path:
+    """Where the federation's record of sites lives (kept across runs)."""
+    root = Path(cfg.federation_dir) if cfg.federation_dir else Path(cfg.out_dir).resolve().parent
+    return root / FEDERATION_NAME
+
+
 def run_federation(
     grid: Grid, run_config: Mapping[str, Any], on_round: RoundCallback | None = None
 ) -> dict[str, Any]:
     """Run (or, with ``resume``, continue) a federation and write the run folder; return the summary."""
     cfg = RunConfig.from_flower(run_config)
+    check_run_config(cfg)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     fingerprint = model_fingerprint(check_model_dir(cfg.model_dir, "model-dir"))
     initial, base_bytes = initial_adapter(cfg)
     state = _start(cfg, dict(run_config), out, initial)
+    registry = SiteRegistry(federation_file(cfg), state.names, load_site_keys(cfg.site_keys))
     update_keys = cfg.lora.update_keys(state.arrays)
     template = {k: v for k, v in spec_of(state.arrays).items() if k in update_keys}
     site_dp = _site_dp(cfg)
-    if cfg.secagg:
-        check_secagg(cfg)
     sites_expected = max(cfg.min_train_sites, len(list(grid.get_node_ids())))
-    strategy, dp_wrapper = build_strategy(
+    inner, dp_wrapper = build_strategy(
         min_sites=cfg.min_train_sites,
         fraction_train=cfg.fraction_train,
         sites_expected=sites_expected,
@@ -102,6 +111,11 @@ def run_federation(
         aggregation=cfg.aggregation,
         trim_beta=cfg.trim_beta,
     )
+    rules = UpdateRules(
+        template, state.run_id, cfg.max_update_norm, cfg.update_norm_ratio,
+        weighting=cfg.weighting, max_weight_share=cfg.max_weight_share,
+    )  # fmt: skip
+    strategy = Guard(inner, rules, registry, equal_weights=site_dp is not None)
     if dp_wrapper is not None and dp_wrapper.accountant is not None and state.site_dp_releases:
         event = GaussianPrivacyEvent(cfg.site_dp_noise, sites_expected, sites_expected)
         dp_wrapper.accountant.compose(event, count=state.site_dp_releases)
@@ -119,42 +133,46 @@ def run_federation(
         arrays, request = state.arrays, ConfigRecord(req.to_record())
         messages = list(strategy.configure_train(rnd, arrays, request, grid))
         down = payload_bytes(arrays) * len(messages)
-        rules = UpdateRules(template, rnd, state.run_id, arrays, cfg.max_update_norm, cfg.update_norm_ratio)
-        accepted: list[Message] = []
-        summed: ArrayRecord | None = None
+        new_arrays: ArrayRecord | None = None
         if cfg.secagg:  # Flower's SecAgg+: only the weighted sum of the updates is seen (server/secagg.py)
             nodes = [m.metadata.dst_node_id for m in messages]
-            summed, train_infos = secagg_train_round(
+            new_arrays, train_infos = secagg_train_round(
                 grid, cfg, rnd, arrays, request, nodes, names=state.names
             )
-            n_accepted = sum(r.status == "trained" for r in train_infos) if summed is not None else 0
+            for r in train_infos:
+                strategy.admit_row(r)
+            n_accepted = sum(r.status == "trained" for r in train_infos) if new_arrays is not None else 0
         else:
             replies = list(grid.send_and_receive(messages, timeout=cfg.round_timeout))
-            accepted, train_infos = triage_train(rnd, replies, rules, state.names)
-            train_infos += _missing(rnd, messages, replies, state.names, cfg.round_timeout)
-            n_accepted = len(accepted)
-        state.names.update({str(r.node_id): r.site for r in train_infos if not r.site.startswith("node-")})
+            new_arrays = strategy.aggregate_train(rnd, replies)[0]
+            train_infos = [*strategy.rows, *_missing(rnd, messages, replies, state.names, cfg.round_timeout)]
+            n_accepted = sum(r.status == "trained" for r in train_infos) if not strategy.failure else 0
         for r in train_infos:
             merge_site(state.sites, r, rnd)
         _append_receipts(out / "receipts.jsonl", train_infos)
+        registry.save()
         up = sum(r.bytes_up for r in train_infos)
         state.totals["bytes_up"] += up
-        if n_accepted < cfg.min_train_sites:
+        if strategy.failure or n_accepted < cfg.min_train_sites:
             stop_reason = (
-                f"round {rnd}: {n_accepted} update(s) accepted, fewer than min-train-sites="
-                f"{cfg.min_train_sites}; the global adapter stays at round {state.adapter_round}"
+                f"round {rnd}: {strategy.failure}"
+                if strategy.failure
+                else (
+                    f"round {rnd}: {n_accepted} update(s) accepted, fewer than min-train-sites="
+                    f"{cfg.min_train_sites}"
+                )
             )
+            stop_reason += f"; the global adapter stays at round {state.adapter_round}"
             state.totals["bytes_down"] += down
             _append_metrics(out, _round_line(rnd, t0, down, up, False, train_infos, [], stop_reason))
             _checkpoint(out, state, rnd, t0, dp_wrapper)  # round numbers once sent are never reused
             break
-        new_arrays = summed if cfg.secagg else strategy.aggregate_train(rnd, accepted)[0]
         if new_arrays is not None:  # under FFA-LoRA only B is averaged; A stays the shared init
             arrays = ArrayRecord({**arrays, **new_arrays})
         eval_msgs = list(strategy.configure_evaluate(rnd, arrays, request, grid))
         down += payload_bytes(arrays) * len(eval_msgs)
-        ok, eval_infos = triage_evaluate(rnd, grid.send_and_receive(eval_msgs, timeout=cfg.round_timeout))
-        strategy.aggregate_evaluate(rnd, ok)
+        strategy.aggregate_evaluate(rnd, grid.send_and_receive(eval_msgs, timeout=cfg.round_timeout))
+        eval_infos = strategy.rows
         state.totals["bytes_down"] += down
         for r in eval_infos:
             if "eval-loss" in r.metrics:
@@ -171,10 +189,13 @@ def run_federation(
         )
         if on_round is not None:
             on_round(line)
+        if strategy.failure:
+            stop_reason = f"round {rnd}: {strategy.failure}"
+            break
     if stop_reason:
         log.error(
             "run stopped: %s. The checkpoint of round %d is kept: resume with resume=true once "
-            "enough sites are back",
+            "the cause is fixed",
             stop_reason,
             state.server_round,
         )
@@ -194,6 +215,7 @@ def run_federation(
         "adapter_bytes": payload_bytes(state.arrays),
         **state.totals,
         "sites": dict(sorted(state.sites.items())),
+        "flags": registry.snapshot(),
         "site_level_dp": _site_dp_summary(site_dp, dp_wrapper),
         "wall_seconds": round(time.time() - t0, 1),
     }
@@ -330,11 +352,11 @@ def _site_dp_summary(site_dp: SiteLevelDP | None, wrapper: Any) -> dict[str, Any
 
 
 def _append_receipts(path: Path, replies: list[SiteReply]) -> None:
-    """Keep every accepted site's signed ledger receipt (the auditor's cross-check)."""
+    """Keep the signed ledger entry of every accepted answer, trained or refused (the auditor's check)."""
     with open(path, "a", encoding="utf-8") as fh:
         for r in replies:
-            if r.status == "trained" and "hash" in r.receipt:  # non-private rounds have no ledger entry
-                fh.write(json.dumps({"site": r.site, **r.receipt}, sort_keys=True) + "\n")
+            if r.status in ("trained", "refused") and r.receipt:
+                fh.write(receipt_line(r.site, r.receipt) + "\n")
         fh.flush()
         os.fsync(fh.fileno())
 

@@ -33,7 +33,7 @@ from flwr.supercore.run import Run
 
 from common.config import RunConfig
 from common.errors import ConfigError
-from server.strategy import SiteReply, describe
+from server.replies import SiteReply, parse_train
 
 log = logging.getLogger(__name__)
 SECAGG_KEYS = "secagg-keys"  # fitins config: global tensor names in Parameters order (client_app.py)
@@ -270,12 +270,11 @@ def site_rows(
             node = msg.metadata.src_node_id
             answered.add(node)
             if msg.has_error():
-                info = describe(msg)
+                info = parse_train(msg).row
                 info.reason = f"SecAgg+ {stage} stage: {info.reason}"
                 rows.setdefault(node, info)
             elif stage == Stage.COLLECT_MASKED_VECTORS:
-                info = describe(msg)
-                info.metrics.pop("num_examples", None)  # the legacy copy of num-examples
+                info = parse_train(msg, legacy=True).row
                 masked = msg.content.config_records[RECORD_KEY_CONFIGS].get(Key.MASKED_PARAMETERS, [])
                 info.bytes_up = sum(len(b) for b in cast(list[bytes], masked))
                 rows[node] = info

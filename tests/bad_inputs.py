@@ -1,207 +1,401 @@
 """The bad-input catalogue: every bad input tried, and the exact message fedtune gives.
 
 ``python -m tests.bad_inputs`` prints the table in docs/bad-inputs.md;
-tests/test_bad_inputs.py checks that every message there is still the one produced.
+tests/test_bad_inputs.py checks that every message there is still the one produced, and that none
+is a traceback. Makers live in tests/bad_input_cases.py.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import re
 import sys
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 from unittest import mock
 
 import torch
 
 from client.data import load_records
 from client.faults import parse_faults
-from client.policy import load_policy, render_policy
-from client.site import SiteAgent
-from common.arrays import spec_of, to_record, update_sha256
+from client.policy import load_policy
+from common.arrays import to_record
 from common.config import RunConfig, default_run_config
 from common.errors import ConfigError, FedtuneError
 from server.checkpoint import CoordinatorState, config_drift, latest_checkpoint, save_checkpoint
-from server.strategy import SiteReply, UpdateRules, check_reply
-
-FIELDS = ("instruction", "response")
-GOOD = json.dumps({"instruction": "Summarise the note.", "response": "Stable, discharged home."})
-
-
-def _file(d: Path, name: str, data: bytes | str) -> Path:
-    p = d / name
-    p.write_bytes(data if isinstance(data, bytes) else data.encode("utf-8"))
-    return p
-
-
-def _folder(p: Path) -> Path:
-    p.mkdir()
-    return p
-
-
-def _policy(d: Path, text: str) -> Path:
-    return _file(d, "policy.toml", text)
-
-
-def _site(d: Path) -> SiteAgent:
-    data = _file(d, "notes.jsonl", GOOD + "\n")
-    return SiteAgent(load_policy(_policy(d, render_policy(name="h1", data_path=data, model_path=d))))
-
-
-def _update(problem: str) -> list[str]:
-    start = to_record({"q.lora_A.weight": torch.zeros(2, 4), "q.lora_B.weight": torch.zeros(4, 2)})
-    state = {"q.lora_A.weight": torch.full((2, 4), 0.1), "q.lora_B.weight": torch.full((4, 2), 0.1)}
-    metrics = {"num-examples": 100.0}
-    receipt_round = 3
-    if problem == "nan":
-        state["q.lora_B.weight"][0, 0] = float("nan")
-    elif problem == "shape":
-        state["q.lora_B.weight"] = torch.zeros(3, 2)
-    elif problem == "norm":
-        state = {k: v * 1000 for k, v in state.items()}
-    elif problem == "examples":
-        metrics = {"num-examples": -5.0}
-    elif problem == "replay":
-        receipt_round = 2
-    record = to_record(state)
-    receipt = {"update_sha256": update_sha256(record), "hash": "h", "round": receipt_round, "run_id": "r1"}
-    if problem == "receipt":
-        receipt["update_sha256"] = "0" * 64
-    rules = UpdateRules(spec_of(start), 3, "r1", start, max_update_norm=100.0)
-    return check_reply(record, SiteReply(1, "h1", "trained", metrics=metrics, receipt=receipt), rules)
+from tests.bad_input_cases import (
+    FIELDS,
+    GOOD,
+    Maker,
+    audit,
+    cli,
+    file,
+    global_adapter,
+    impostor,
+    metric,
+    no_receipt,
+    policy,
+    receipt_without_hash,
+    refused,
+    rejected,
+    request,
+    second_metric_record,
+    site,
+    site_field,
+    site_round,
+    trained_ledger,
+    went_backwards,
+)
 
 
-def _checkpoint(d: Path) -> None:
-    state = CoordinatorState("r1", 1, to_record({"b": torch.zeros(2)}), {})
-    save_checkpoint(d, state)
+def _checkpoint(d: Path, model: Path) -> None:
+    save_checkpoint(d, CoordinatorState("r1", 1, to_record({"b": torch.zeros(2)}), {}))
     adapter = d / "checkpoints" / "round-0001" / "adapter.safetensors"
     adapter.write_bytes(adapter.read_bytes()[:-4] + b"\xff" * 4)
     latest_checkpoint(d)
 
 
-def _policy_errors(d: Path) -> None:
+def _policy_errors(d: Path, model: Path) -> None:
     text = '[site]\nstate-dir = "s"\n\n[data]\npath = "d.jsonl"\neval-fraction = 0.9\n\n[privacy]\n'
-    load_policy(_policy(d, text + "max-epsilon = -1\nmax-epsilom = 2\n\n[extra]\nx = 1\n"))
+    load_policy(policy(d, text + "max-epsilon = -1\nmax-epsilom = 2\n\n[extra]\nx = 1\n"))
 
 
-def _full_disk(d: Path) -> None:
+def _folder(path: Path) -> Path:
+    path.mkdir()
+    return path
+
+
+def _policy(text: str) -> Maker:
+    return lambda d, model: load_policy(policy(d, text))
+
+
+_MINIMAL = '[data]\npath = "d.jsonl"\n[model]\npath = "m"\n'
+
+
+def _full_disk(d: Path, model: Path) -> None:
     with mock.patch("client.site.shutil.disk_usage", return_value=mock.Mock(free=3 * 2**20)):
-        _site(d).check_state_dir()
+        site(d, model).check_state_dir()
 
 
-def _unwritable(d: Path) -> None:
-    _file(d, "state", "a file where the state folder should be")
-    _site(d).check_state_dir()
+def _unwritable(d: Path, model: Path) -> None:
+    file(d, "state", "a file where the state folder should be")
+    site(d, model).check_state_dir()
 
 
-def _no_permission(d: Path) -> None:
-    agent = _site(d)
-    denied = PermissionError(13, "Permission denied")
-    with mock.patch.object(Path, "write_text", side_effect=denied):
+def _no_permission(d: Path, model: Path) -> None:
+    agent = site(d, model)
+    with mock.patch.object(Path, "write_text", side_effect=PermissionError(13, "Permission denied")):
         agent.check_state_dir()
 
 
-def _drift(d: Path) -> None:
+def _drift(d: Path, model: Path) -> None:
     saved = default_run_config()
     drift = config_drift(saved, saved | {"learning-rate": 0.05, "lora-rank": 32})
     raise ConfigError("run config", [*drift, "resume with the interrupted run's run config"])
 
 
-def _rejected(problem: str) -> Callable[[Path], None]:
-    def run(d: Path) -> None:
-        raise FedtuneError("rejected: " + "; ".join(_update(problem)))
-
-    return run
+def _data(text: bytes | str, **kw: Any) -> Maker:
+    return lambda d, model: load_records(file(d, "a.jsonl", text), FIELDS, **kw)
 
 
-CASES: list[tuple[str, str, Callable[[Path], object]]] = [
+def _delete(agent: Any, d: Path, start: Any) -> dict[str, Any]:
+    agent.policy.ledger_path.unlink()
+    return {}
+
+
+def _empty(agent: Any, d: Path, start: Any) -> dict[str, Any]:
+    agent.policy.ledger_path.write_text("")
+    return {}
+
+
+def _cut(agent: Any, d: Path, start: Any) -> dict[str, Any]:
+    lines = agent.policy.ledger_path.read_text().splitlines()
+    agent.policy.ledger_path.write_text(lines[0] + "\n")
+    return {}
+
+
+def _move_state(agent: Any, d: Path, start: Any) -> dict[str, Any]:
+    text = (d / "policy.toml").read_text().replace('state-dir = "state"', 'state-dir = "state2"')
+    (d / "policy.toml").write_text(text)
+    return {}
+
+
+def _head_gone(agent: Any, d: Path, start: Any) -> dict[str, Any]:
+    agent.policy.ledger_head.unlink()
+    return {}
+
+
+def _wiped(agent: Any, d: Path, start: Any) -> dict[str, Any]:
+    last = agent.ledger.entries()[-1]
+    agent.policy.ledger_path.unlink()
+    agent.policy.ledger_head.unlink()
+    return {"ledger-seq": last.seq, "ledger-hash": last.hash}
+
+
+def _empty_ledger(d: Path, model: Path) -> list[Path]:
+    return [file(d, "h1.jsonl", "")]
+
+
+def _binary_ledger(d: Path, model: Path) -> list[Path]:
+    return [file(d, "h1.jsonl", b"\x00\xff\xfe garbage\n")]
+
+
+def _folder_ledger(d: Path, model: Path) -> list[Path]:
+    (d / "h1.jsonl").mkdir()
+    return [d / "h1.jsonl"]
+
+
+def _nested_ledger(d: Path, model: Path) -> list[Path]:
+    return [file(d, "h1.jsonl", "[" * 5000 + "]" * 5000 + "\n")]
+
+
+def _cut_reservation(d: Path, model: Path) -> list[Path]:
+    agent, ledger = trained_ledger(d, model)
+    killed = mock.patch("client.site.train_dp", side_effect=RuntimeError("killed"))  # dies after reserving
+    with killed, contextlib.suppress(RuntimeError):
+        agent.train_round(global_adapter(model), request(model, **{"server-round": 2}))
+    ledger.write_bytes(agent.policy.ledger_path.read_bytes())  # the auditor's copy ...
+    (ledger.parent / "h1.head.json").write_bytes(agent.policy.ledger_head.read_bytes())
+    lines = ledger.read_text().splitlines()
+    ledger.write_text("\n".join(lines[:-1]) + "\n")  # ... with the uncommitted reservation cut off
+    return [ledger]
+
+
+def _receipt_lacks_entry(d: Path, model: Path) -> list[Path]:
+    from privacy.ledger_entries import entry_hash
+    from privacy.receipts import receipt_line
+
+    agent, ledger = trained_ledger(d, model, head=False)
+    entry = {k: v for k, v in agent.ledger.entries()[-1].raw.items() if k != "signature"} | {"seq": 7}
+    entry["hash"] = entry_hash(entry)  # a well-formed receipt of an entry this ledger does not hold
+    (d / "receipts.jsonl").write_text(receipt_line("h1", entry) + "\n")
+    return [ledger]
+
+
+def _nonfinite(d: Path, model: Path) -> None:
+    start = global_adapter(model)
+    key = next(iter(start))
+    bad = start[key].numpy().copy()
+    bad.flat[0] = float("inf")
+    start[key] = type(start[key])(bad)
+    out = site(d, model).train_round(start, request(model))
+    raise FedtuneError(f"site refuses: {out.reason}")
+
+
+def _lower_round(d: Path, model: Path) -> None:
+    agent = site(d, model)
+    start = global_adapter(model)
+    agent.train_round(start, request(model, **{"server-round": 3}))
+    out = agent.train_round(start, request(model, **{"server-round": 2}))
+    raise FedtuneError(f"site refuses: {out.reason}")
+
+
+CASES: list[tuple[str, str, Maker]] = [
     ("site policy", "several mistakes at once", _policy_errors),
-    ("site policy", "not TOML", lambda d: load_policy(_policy(d, "[site\nname="))),
-    ("site policy", "file missing", lambda d: load_policy(d / "none.toml")),
+    ("site policy", "not TOML", _policy("[site\nname=")),
+    ("site policy", "file missing", lambda d, m: load_policy(d / "none.toml")),
+    ("site policy", "a folder", lambda d, m: load_policy(d)),
+    ("site policy", "not UTF-8", lambda d, m: load_policy(file(d, "p.toml", b"[site]\nname = '\xff'\n"))),
+    (
+        "site policy",
+        "nested 10,000 deep",
+        lambda d, m: load_policy(file(d, "p.toml", "x = " + "[" * 10000 + "]" * 10000)),
+    ),
+    ("site policy", "site name '../x'", _policy('[site]\nname = "../x"\n' + _MINIMAL)),
+    ("site policy", "site name with a newline", _policy('[site]\nname = "a\\nb"\n' + _MINIMAL)),
+    (
+        "site policy",
+        "ledger-head inside state-dir",
+        _policy('[site]\nname = "a"\nledger-head = "state/h.json"\n' + _MINIMAL),
+    ),
+    (
+        "site policy",
+        "per-round budget above per-run",
+        _policy(
+            '[site]\nname = "a"\n'
+            + _MINIMAL
+            + "[privacy]\nmax-epsilon-per-run = 2.0\nmax-epsilon-per-round = 3.0\n"
+        ),
+    ),
     (
         "run config",
         "three bad keys at once",
-        lambda d: RunConfig.from_flower({"num-server-rounds": 0, "learning-rat": 0.1, "aggregation": "mean"}),
+        lambda d, m: RunConfig.from_flower(
+            {"num-server-rounds": 0, "learning-rat": 0.1, "aggregation": "mean"}
+        ),
+    ),
+    (
+        "run config",
+        "1e400 as a learning rate",
+        lambda d, m: RunConfig.from_flower({"learning-rate": 10**400}),
+    ),
+    (
+        "run config",
+        "sim-policies not a JSON list",
+        lambda d, m: RunConfig.from_flower({"sim-policies": "[1, 2"}).policy_paths(),
     ),
     (
         "data",
         "not UTF-8 (line 2)",
-        lambda d: load_records(
-            _file(d, "a.jsonl", GOOD.encode() + b"\n" + '{"instruction": "caf\xe9"}'.encode("latin-1")),
-            FIELDS,
-        ),
+        _data(GOOD.encode() + b"\n" + '{"instruction": "caf\xe9"}'.encode("latin-1")),
     ),
-    ("data", "broken JSON (line 2)", lambda d: load_records(_file(d, "a.jsonl", GOOD + "\n{oops\n"), FIELDS)),
-    (
-        "data",
-        "field missing",
-        lambda d: load_records(_file(d, "a.jsonl", json.dumps({"instruction": "x"})), FIELDS),
-    ),
-    (
-        "data",
-        "empty field",
-        lambda d: load_records(
-            _file(d, "a.jsonl", json.dumps({"instruction": " ", "response": "y"})), FIELDS
-        ),
-    ),
-    ("data", "JSON line is not an object", lambda d: load_records(_file(d, "a.jsonl", "[1, 2]\n"), FIELDS)),
-    ("data", "empty file", lambda d: load_records(_file(d, "a.jsonl", ""), FIELDS)),
+    ("data", "broken JSON (line 2)", _data(GOOD + "\n{oops\n")),
+    ("data", "field missing", _data(json.dumps({"instruction": "x"}))),
+    ("data", "empty field", _data(json.dumps({"instruction": " ", "response": "y"}))),
+    ("data", "JSON line is not an object", _data("[1, 2]\n")),
+    ("data", "empty file", _data("")),
     (
         "data",
         "oversized record",
-        lambda d: load_records(
-            _file(d, "a.jsonl", json.dumps({"instruction": "x" * 300, "response": "y"})),
-            FIELDS,
-            max_chars=200,
-        ),
+        _data(json.dumps({"instruction": "x" * 300, "response": "y"}), max_chars=200),
     ),
+    ("data", "an unpaired surrogate (\\ud800)", _data('{"instruction": "a\\ud800b", "response": "y"}\n')),
+    ("data", "JSON nested 100,000 deep", _data("[" * 100_000 + "]" * 100_000 + "\n")),
     (
         "data",
         "path is a folder",
-        lambda d: load_records(_folder(d / "dir.jsonl"), FIELDS),
+        lambda d, m: load_records(_folder(d / "dir.jsonl"), FIELDS),
     ),
-    ("data", "file missing", lambda d: load_records(d / "gone.jsonl", FIELDS)),
-    ("data", "unsupported file type", lambda d: load_records(_file(d, "a.txt", GOOD), FIELDS)),
+    ("data", "file missing", lambda d, m: load_records(d / "gone.jsonl", FIELDS)),
+    ("data", "unsupported file type", lambda d, m: load_records(file(d, "a.txt", GOOD), FIELDS)),
     ("state dir", "a file, not a folder", _unwritable),
     ("state dir", "no write permission (EACCES, mocked: tests run as root)", _no_permission),
     ("state dir", "disk full (3 MiB free, mocked)", _full_disk),
-    ("update", "NaN value", _rejected("nan")),
-    ("update", "wrong shape", _rejected("shape")),
-    ("update", "norm 1000x", _rejected("norm")),
-    ("update", "absurd num-examples", _rejected("examples")),
-    ("update", "replayed round", _rejected("replay")),
-    ("update", "does not match its receipt", _rejected("receipt")),
+    ("request", "negative learning rate", refused(**{"learning-rate": -0.5})),
+    ("request", "NaN learning rate", refused(**{"learning-rate": float("nan")})),
+    ("request", "learning rate above the policy's ceiling", refused(**{"learning-rate": 5.0})),
+    ("request", "noise multiplier -1", refused(**{"noise-multiplier": -1.0})),
+    (
+        "request",
+        "0 local steps, batch 0, clip 0, rank 0",
+        refused(**{"local-steps": 0, "batch-size": 0, "max-grad-norm": 0.0, "lora-rank": 0}),
+    ),
+    ("request", "LoRA target the model lacks", refused(**{"lora-targets": "no_such_proj"})),
+    ("request", "max-seq-len 100000", refused(**{"max-seq-len": 100_000})),
+    ("request", "round past num-rounds", refused(**{"server-round": 9})),
+    ("request", "run id '../x'", refused(**{"run-id": "../x"})),
+    ("request", "a key the site does not know", refused(**{"site-weight": 2.0})),
+    ("request", "a non-finite global adapter", lambda d, m: _nonfinite(d, m)),
+    ("request", "seeded noise without the site's opt-in", refused(seed=7)),
+    ("request", "noise below the site's floor", refused(**{"noise-multiplier": 0.1})),
+    ("request", "a round lower than one reserved", _lower_round),
+    ("request", "non-private round without the site's consent", refused(dp=False)),
+    ("ledger", "deleted after round 1", site_round(_delete)),
+    ("ledger", "emptied", site_round(_empty)),
+    ("ledger", "its end cut off", site_round(_cut)),
+    ("ledger", "state-dir changed", site_round(_move_state)),
+    ("ledger", "head record deleted", site_round(_head_gone)),
+    ("ledger", "ledger and head wiped; the coordinator remembers", site_round(_wiped)),
+    ("reply", "an extra metric key", rejected(metric("my-metric", 1.0))),
+    ("reply", "a second MetricRecord", rejected(second_metric_record)),
+    ("reply", "a NaN metric", rejected(metric("train-loss", float("nan")))),
+    ("reply", "site-weight 2 (site-level DP)", rejected(metric("site-weight", 2.0), site_dp=True)),
+    ("reply", "site name '../x'", rejected(site_field("name", "../x"))),
+    ("reply", "site name with a newline", rejected(site_field("name", "a\nb"))),
+    ("reply", "unknown status", rejected(site_field("status", "great"))),
+    ("reply", "no receipt", rejected(no_receipt)),
+    ("reply", "receipt without its hash", rejected(receipt_without_hash)),
+    ("reply", "another site's name", impostor),
+    ("reply", "its ledger went backwards", went_backwards),
+    (
+        "update",
+        "NaN value",
+        rejected(
+            lambda c: None,
+            arrays=to_record(
+                {"a.lora_A.weight": torch.full((2, 4), float("nan")), "a.lora_B.weight": torch.zeros(4, 2)}
+            ),
+        ),
+    ),
+    (
+        "update",
+        "wrong shape",
+        rejected(
+            lambda c: None,
+            arrays=to_record({"a.lora_A.weight": torch.zeros(2, 4), "a.lora_B.weight": torch.zeros(3, 2)}),
+        ),
+    ),
+    ("update", "norm 1000x", rejected(lambda c: None, value=100.0)),
+    ("update", "absurd num-examples", rejected(lambda c: None, n=0)),
+    ("update", "replayed round", rejected(lambda c: None, rnd=2)),
+    (
+        "update",
+        "does not match its receipt",
+        rejected(
+            lambda c: None,
+            receipt_of=to_record(
+                {"a.lora_A.weight": torch.zeros(2, 4), "a.lora_B.weight": torch.zeros(4, 2)}
+            ),
+        ),
+    ),
+    ("audit", "an empty ledger", audit(_empty_ledger)),
+    ("audit", "a binary ledger", audit(_binary_ledger)),
+    ("audit", "a folder for a ledger", audit(_folder_ledger)),
+    ("audit", "a line nested 5,000 deep", audit(_nested_ledger)),
+    ("audit", "the reservation of a crashed round cut off", audit(_cut_reservation)),
+    (
+        "audit",
+        "a receipt the ledger lacks",
+        lambda d, m: audit(_receipt_lacks_entry, receipts=d / "receipts.jsonl")(d, m),
+    ),
     ("resume", "corrupt checkpoint (only one)", _checkpoint),
     ("resume", "run config changed", _drift),
-    ("fault drill", "bad FEDTUNE_FAULTS", lambda d: parse_faults("h1:explode")),
+    ("fault drill", "bad FEDTUNE_FAULTS", lambda d, m: parse_faults("h1:explode")),
+    ("CLI", "simulate --max-epsilon 1e400", cli("simulate", "--out", "{d}/run", "--max-epsilon", "1e400")),
+    (
+        "CLI",
+        "simulate --run-config with a typo (before Ray starts)",
+        cli("simulate", "--out", "{d}/run", "--run-config", "learning-rat=0.1"),
+    ),
+    (
+        "CLI",
+        "an error naming [privacy] (no markup lost)",
+        lambda d, m: cli(
+            "site",
+            "anchor",
+            str(policy(d, '[site]\nname = "a"\n' + _MINIMAL + "[privacy]\nmax-epsilom = 1\n")),
+        )(d, m),
+    ),
 ]
 
 
-def messages() -> list[tuple[str, str, str]]:
+_VOLATILE = [
+    (re.compile(r"\b[0-9a-f]{12,64}\b"), "<hash>"),
+    (re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?\+00:00"), "<time>"),
+    (re.compile(r"\(hash <hash>\.\.\.\)"), "(hash <hash>...)"),
+]
+
+
+def messages(model: Path) -> list[tuple[str, str, str]]:
     """(input kind, what was wrong, message with the temporary folder shown as ``<dir>``)."""
     rows = []
     for kind, what, make in CASES:
         with tempfile.TemporaryDirectory() as tmp:
             d = Path(tmp).resolve()
             try:
-                make(d)
+                make(d, model)
             except FedtuneError as exc:
-                text = str(exc).replace(str(d), "<dir>")
+                text = str(exc).replace(str(d), "<dir>").replace(str(model), "<model>")
             else:
                 raise AssertionError(f"{kind} / {what}: no error raised")
+        for pattern, repl in _VOLATILE:
+            text = pattern.sub(repl, text)
         rows.append((kind, what, text))
     return rows
 
 
-def table() -> str:
+def table(model: Path) -> str:
     """The markdown table of docs/bad-inputs.md."""
     out = ["| input | what was wrong | message |", "|---|---|---|"]
-    for kind, what, text in messages():
+    for kind, what, text in messages(model):
         cell = text.replace("|", "\\|").replace("\n", "<br>")
         out.append(f"| {kind} | {what} | {cell} |")
     return "\n".join(out) + "\n"
 
 
 if __name__ == "__main__":
-    sys.stdout.write(table())
+    from fedtune.simulate import default_model
+
+    sys.stdout.write(table(default_model()))

@@ -8,6 +8,7 @@ handler becomes an error reply, as Flower's ClientApp runtime does.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -25,11 +26,16 @@ def federation(
     out: Path, model: Path, data: Path, sites: int, **run_config: Any
 ) -> tuple[dict[str, Any], list[str]]:
     """Lay out ``out`` as ``fedtune simulate`` does; return the run config and the site names."""
-    policies = prepare_run(out, sites=sites, model=model, data=data, max_epsilon=8.0, delta=1e-5)
+    seeded = int(run_config.get("seed", -1)) >= 0
+    policies = prepare_run(
+        out, sites=sites, model=model, data=data, max_epsilon=8.0, delta=1e-5, seeded=seeded
+    )
     cfg = default_run_config() | {
         "model-dir": str(model),
         "out-dir": str(out),
-        "sim-policies": ",".join(str(p) for p in policies),
+        "federation-dir": str(out),
+        "site-keys": str(out / "keys"),
+        "sim-policies": json.dumps([str(p) for p in policies]),
         **run_config,
     }
     return cfg, [p.parent.name for p in policies]

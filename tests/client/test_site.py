@@ -73,7 +73,7 @@ def test_reply_holds_lora_arrays_only(tmp_path: Path, tiny_model: Path, small_da
     lora_params = sum(p.numel() for n, p in make_peft_model(base, LORA).named_parameters() if "lora_" in n)
     assert sum(a.numpy().size for a in out.arrays.values()) == lora_params
     entries = PrivacyLedger(agent.policy.ledger_path).entries()
-    assert [e["kind"] for e in entries] == ["reserve", "commit"]
+    assert [e.kind for e in entries] == ["reserve", "commit"]
     assert 0 < out.metrics["epsilon"] <= agent.policy.max_epsilon
 
 
@@ -86,7 +86,7 @@ def test_noise_below_site_floor_is_refused_and_recorded(
     assert not out.trained and out.arrays is None
     assert "min-noise-multiplier" in out.reason
     entries = PrivacyLedger(agent.policy.ledger_path).entries()
-    assert [e["kind"] for e in entries] == ["refuse"]
+    assert [e.kind for e in entries] == ["refuse"]
     assert PrivacyLedger(agent.policy.ledger_path).history() == []
 
 
@@ -126,7 +126,7 @@ def test_requests_looser_than_the_policy_are_refused(
     agent = SiteAgent(load_policy(_policy(tmp_path, small_data, tiny_model)))
     out = agent.train_round(_global(tiny_model), _request(tiny_model, **override))
     assert not out.trained and key in out.reason
-    assert [e["kind"] for e in PrivacyLedger(agent.policy.ledger_path).entries()] == ["refuse"]
+    assert [e.kind for e in PrivacyLedger(agent.policy.ledger_path).entries()] == ["refuse"]
 
 
 RESTART_SCRIPT = textwrap.dedent("""
@@ -198,8 +198,10 @@ def test_reservation_counts_when_the_site_dies_mid_training(
         proc.wait(timeout=60)
     ledger = PrivacyLedger(load_policy(policy).ledger_path)
     [reserved] = ledger.entries()
-    assert reserved["kind"] == "reserve" and ledger.verify_chain() == []
-    step1 = MechanismStep(reserved["noise_multiplier"], reserved["sample_rate"], reserved["steps"])
+    assert reserved.kind == "reserve" and ledger.verify_chain() == []
+    step1 = MechanismStep(
+        reserved.raw["noise_multiplier"], reserved.raw["sample_rate"], reserved.raw["steps"]
+    )
     out = SiteAgent(load_policy(policy)).train_round(
         _global(tiny_model), _request(tiny_model, rnd=2, rounds=3)
     )
@@ -239,7 +241,15 @@ def test_non_private_training_needs_the_sites_consent(
     agent = SiteAgent(load_policy(policy))
     out = agent.train_round(_global(tiny_model), _request(tiny_model, dp=False))
     assert out.trained and "epsilon" not in out.metrics and out.metrics["noise-multiplier"] == 0.0
-    assert [e["kind"] for e in PrivacyLedger(agent.policy.ledger_path).entries()] == ["refuse"]
+    assert out.metrics["private"] == 0.0
+    # the release is in the ledger, and from then on no DP round can be granted: the records are spent
+    assert [e.kind for e in PrivacyLedger(agent.policy.ledger_path).entries()] == [
+        "refuse",
+        "release",
+        "commit",
+    ]
+    later = agent.train_round(_global(tiny_model), _request(tiny_model, rnd=2))
+    assert not later.trained and "released WITHOUT differential privacy" in later.reason
 
 
 def test_seeded_sites_draw_different_noise(tmp_path: Path, tiny_model: Path, small_data: Path) -> None:
@@ -248,13 +258,15 @@ def test_seeded_sites_draw_different_noise(tmp_path: Path, tiny_model: Path, sma
     for name in ("s1", "s2"):
         p = tmp_path / name / "policy.toml"
         p.parent.mkdir(parents=True)
-        p.write_text(render_policy(name=name, data_path=small_data, model_path=tiny_model), encoding="utf-8")
-        out = SiteAgent(load_policy(p), seed=3).train_round(_global(tiny_model), _request(tiny_model))
+        text = render_policy(name=name, data_path=small_data, model_path=tiny_model, allow_seeded_noise=True)
+        p.write_text(text, encoding="utf-8")
+        out = SiteAgent(load_policy(p)).train_round(_global(tiny_model), _request(tiny_model, seed=3))
         assert out.arrays is not None
         updates.append(out.arrays)
     a, b = updates
     assert any((a[k].numpy() != b[k].numpy()).any() for k in a)  # same data and seed, different sites
-    again = SiteAgent(load_policy(tmp_path / "s1" / "policy.toml"), seed=3)
-    again.ledger.path.unlink()  # a fresh ledger: the same request may be trained again
-    repeat = again.train_round(_global(tiny_model), _request(tiny_model)).arrays
+    again = SiteAgent(load_policy(tmp_path / "s1" / "policy.toml"))
+    again.ledger.path.unlink()  # a brand-new site (ledger and head record gone): the request may train again
+    again.policy.ledger_head.unlink()
+    repeat = again.train_round(_global(tiny_model), _request(tiny_model, seed=3)).arrays
     assert repeat is not None and all((repeat[k].numpy() == a[k].numpy()).all() for k in a)  # reproducible

@@ -154,15 +154,21 @@ def test_noise_is_unpredictable_unless_seeded(caplog: pytest.LogCaptureFixture) 
     assert any(not torch.equal(c[k], d[k]) for k in c)
 
 
-def test_empty_poisson_batches_count_as_steps() -> None:
-    model = _lora_model()
+def test_empty_poisson_batches_count_as_steps_and_step_with_the_noise_alone() -> None:
+    """Regression: an empty batch used to skip its step, so the update count depended on the sampling."""
     ids, mask = _toy_data(8)
-    before = _lora_state(model)
-    plan = DPPlan(noise_multiplier=1.0, sample_rate=1e-9, steps=5, max_grad_norm=1.0, expected_batch_size=1)
-    stats = train_dp(model, ids, mask, plan, learning_rate=0.01, seed=None)
-    assert stats.steps == 5 and stats.empty_batches == 5
-    after = _lora_state(model)
-    assert all(torch.equal(before[k], after[k]) for k in before)  # no step touched the model
+    for sigma, moves in ((0.0, False), (1.0, True)):
+        model = _lora_model()
+        before = _lora_state(model)
+        plan = DPPlan(
+            noise_multiplier=sigma, sample_rate=1e-9, steps=5, max_grad_norm=1.0, expected_batch_size=1
+        )
+        stats = train_dp(model, ids, mask, plan, learning_rate=0.01, seed=None)
+        assert stats.steps == 5 and stats.empty_batches == 5 and stats.batches == 0
+        assert stats.mean_loss is None  # no record was seen: no loss to report
+        after = _lora_state(model)
+        changed = any(not torch.equal(before[k], after[k]) for k in before)
+        assert changed == moves  # no record: the update is the Gaussian noise, zero without noise
 
 
 def test_unknown_mode_is_refused() -> None:

@@ -44,7 +44,8 @@ def test_train_request_missing_keys_are_named() -> None:
 
 def test_node_config_resolves_policy_for_deployment_and_simulation() -> None:
     run = RunConfig.from_flower({"sim-policies": "/a.toml,/b.toml"})
-    assert NodeConfig.from_flower({"policy": "/x.toml"}, run).policy == "/x.toml"
-    assert NodeConfig.from_flower({"partition-id": 1}, run).policy == "/b.toml"
+    assert NodeConfig.from_flower({"policy": "/x.toml"}, run.sim_policies).policy == "/x.toml"
+    assert NodeConfig.from_flower({"partition-id": 1}, run.sim_policies).policy == "/b.toml"
+    assert NodeConfig.from_flower({"partition-id": 1}, '["/a,1.toml", "/b,2.toml"]').policy == "/b,2.toml"
     with pytest.raises(ConfigError, match="--node-config"):
-        NodeConfig.from_flower({"partition-id": 5}, run)
+        NodeConfig.from_flower({"partition-id": 5}, run.sim_policies)

@@ -553,7 +553,7 @@ def test_compose_mounts_only_what_provision_writes_or_the_site_supplies(
     assert missing == supplied, "every other mounted path must be one `fedtune deploy provision` writes"
     assert writable == {
         "superlink": {"/operator/state", "/runs"},
-        **{s: {"/site/state"} for s in SITES},
+        **{s: {"/site/state", "/site/anchor"} for s in SITES},
     }, "everything else is mounted read-only"
 
 
@@ -620,7 +620,7 @@ def test_compose_supernode_runs_start_supernode_sh_with_its_own_site_folder(
     assert int(port) == int(option(services["superlink"]["command"], "--port")) == DEFAULT_PORT
     home = c.mount_of(Path(calls[0]["FLWR_HOME"]))
     assert home.writable
-    # the policy, read as the ClientApp reads it, points inside the mounts; only state is writable
+    # the policy, read as the ClientApp reads it, points inside the mounts; only state and anchor are writable
     node_config = option(argv, "--node-config")
     m = re.fullmatch(r"policy='(.*)'", node_config)
     assert m, node_config
@@ -632,10 +632,13 @@ def test_compose_supernode_runs_start_supernode_sh_with_its_own_site_folder(
         (policy.data_path, False),
         (policy.model_path, False),
         (policy.signing_key, False),
+        (policy.ledger_head, True),
     ):
         mount = c.mount_of(path)
         assert mount.writable == must_write, f"{path} is on {mount.target} (writable={mount.writable})"
     assert c.mount_of(policy.state_dir).persistent, "the privacy ledger must survive the container"
+    head, state = c.mount_of(policy.ledger_head), c.mount_of(policy.state_dir)
+    assert head.persistent and head.target != state.target, "the ledger head must not live with the ledger"
 
 
 def test_compose_operator_registers_every_site_and_launches_runs(

@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 from fedtune.audit_cli import audit_app
 from privacy.keys import generate_keypair, load_signer
 from privacy.ledger import GENESIS_HASH, canonical_bytes
+from privacy.receipts import receipt_line
 
 pytestmark = pytest.mark.slow
 CHROMIUM = Path("/usr/bin/chromium")
@@ -38,12 +39,8 @@ def signed(demo_run: dict[str, Any], tmp_path: Path) -> dict[str, Any]:
         entry["signature"] = sign(canonical_bytes(entry))
     ledger = tmp_path / f"{site}.jsonl"
     _dump(ledger, entries)
-    receipts = [
-        {"site": site, **{k: e[k] for k in ("round", "run_id", "seq", "hash", "update_sha256")}}
-        for e in entries
-        if e["kind"] == "commit"
-    ]
-    (tmp_path / "receipts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in receipts))
+    receipts = [receipt_line(site, e) for e in entries if e["kind"] == "commit"]
+    (tmp_path / "receipts.jsonl").write_text("".join(r + "\n" for r in receipts))
     return {"ledger": ledger, "entries": entries, "public": public, "private": private, "dir": tmp_path}
 
 

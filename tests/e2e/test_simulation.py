@@ -57,7 +57,7 @@ def test_ledgers_record_every_round_and_recompute(demo_run: dict[str, Any]) -> N
         assert site["epsilon"] == pytest.approx(reserves[-1]["epsilon"])
         # the coordinator kept each site's receipt: the same commit entries the site's ledger holds
         receipts = [json.loads(x) for x in (demo_run["out"] / "receipts.jsonl").read_text().splitlines()]
-        mine = [(r["seq"], r["hash"]) for r in receipts if r["site"] == name]
+        mine = [(r["entry"]["seq"], r["entry"]["hash"]) for r in receipts if r["site"] == name]
         assert mine == [(e["seq"], e["hash"]) for e in entries if e["kind"] == "commit"]
         # every entry is signed with the site's key; the public half is in RUN/keys/
         verify = load_verifier(demo_run["out"] / "keys" / f"{name}.pub")
@@ -116,6 +116,7 @@ def test_budget_too_small_is_refused_and_run_ends_cleanly(
         model=tiny_model,
         data=site_data,
         max_epsilon=budget,
+        privacy={"max-epsilon-per-round": budget},  # this site lets one round spend its whole budget
         run_config={
             "noise-multiplier": sigma,
             "local-steps": steps,

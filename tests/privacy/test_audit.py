@@ -16,6 +16,7 @@ from privacy.accounting import MechanismStep
 from privacy.audit import verify_ledgers
 from privacy.keys import generate_keypair, load_signer
 from privacy.ledger import GENESIS_HASH, PrivacyLedger, canonical_bytes
+from privacy.receipts import receipt_line
 
 STEP = MechanismStep(1.0, 0.1, 10)
 
@@ -28,8 +29,8 @@ def write_ledger(path: Path, signer: Callable[[bytes], str] | None, rounds: int 
             round=rnd, run_id="run1", step=STEP, max_grad_norm=1.0, delta=1e-5, max_epsilon=10.0,
             data_fingerprint="f" * 64,
         )  # fmt: skip
-        ledger.commit(reserve_seq=entry["seq"], update_sha256=f"{rnd:064x}", num_examples=50, metrics={})
-    return ledger.entries()
+        ledger.commit(reserve_seq=entry.seq, update_sha256=f"{rnd:064x}", num_examples=50, metrics={})
+    return [dict(e.raw) for e in ledger.entries()]
 
 
 def rewrite(path: Path, entries: list[dict[str, Any]], signer: Callable[[bytes], str] | None) -> None:
@@ -47,12 +48,9 @@ def rewrite(path: Path, entries: list[dict[str, Any]], signer: Callable[[bytes],
 
 
 def write_receipts(run_dir: Path, site: str, entries: list[dict[str, Any]]) -> None:
-    rows = [
-        {k: e[k] for k in ("round", "run_id", "seq", "hash", "update_sha256")} | {"site": site}
-        for e in entries
-        if e["kind"] == "commit"
-    ]
-    (run_dir / "receipts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    """The coordinator's receipts: a full copy of every commit it accepted."""
+    rows = [receipt_line(site, e) for e in entries if e["kind"] == "commit"]
+    (run_dir / "receipts.jsonl").write_text("".join(r + "\n" for r in rows))
 
 
 @pytest.fixture()
@@ -129,9 +127,9 @@ def test_retry_of_a_crashed_round_verifies_but_a_second_training_does_not(tmp_pa
     kw |= {"max_epsilon": 10.0, "data_fingerprint": "f" * 64}
     ledger.reserve(round=1, **kw)  # crashed mid-training: never committed
     retry = ledger.reserve(round=1, **kw)
-    ledger.commit(reserve_seq=retry["seq"], update_sha256="1" * 64, num_examples=5, metrics={})
+    ledger.commit(reserve_seq=retry.seq, update_sha256="1" * 64, num_examples=5, metrics={})
     assert checks(verify_ledgers([path])) == set()
-    entries = ledger.entries()
+    entries = [dict(e.raw) for e in ledger.entries()]
     forged = [*entries, {**entries[1], "seq": 3}]  # round 1 reserved again after its commit
     rewrite(path, forged, None)
     assert (3, "order") in checks(verify_ledgers([path]))  # (its copied epsilon is also wrong)
@@ -141,11 +139,12 @@ def test_retry_of_a_crashed_round_verifies_but_a_second_training_does_not(tmp_pa
 
 
 def test_receipt_mismatch_and_missing_receipts_file(signed: Any, tmp_path: Path) -> None:
-    path, _, _, entries = signed
-    entries[3]["update_sha256"] = "0" * 64
+    path, _, signer, entries = signed
     write_receipts(tmp_path, "site-a", entries)
+    entries[3]["update_sha256"] = "0" * 64  # the site rewrites its ledger after the fact, re-signed
+    rewrite(path, entries, signer)
     result = verify_ledgers([path], receipts=tmp_path / "receipts.jsonl")
-    assert checks(result) == {(3, "receipt")}
+    assert checks(result) == {(3, "receipt"), (5, "receipt")}  # the rewrite changed every later hash too
     assert "update_sha256" in str(result.findings[0])
     gone = verify_ledgers([path], receipts=tmp_path / "nowhere")
     assert not gone.ok and "cannot read the receipts file" in str(gone.findings[0])

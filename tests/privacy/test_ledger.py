@@ -15,13 +15,14 @@ from common.errors import BudgetExceededError, ConfigError, PolicyViolationError
 from privacy import accounting
 from privacy.accounting import MechanismStep, epsilon
 from privacy.ledger import GENESIS_HASH, LedgerError, PrivacyLedger
+from privacy.ledger_entries import Reserve
 
 DELTA = 1e-5
 STEP = MechanismStep(1.0, 0.01, 100)  # epsilon: 1 round ~0.728, 2 ~0.923, 3 ~1.078 (PRV)
 SHA = "ab" * 32
 
 
-def _reserve(ledger: PrivacyLedger, round: int, *, max_epsilon: float = 10.0, **kw: Any) -> dict[str, Any]:
+def _reserve(ledger: PrivacyLedger, round: int, *, max_epsilon: float = 10.0, **kw: Any) -> Reserve:
     args: dict[str, Any] = {
         "round": round,
         "run_id": "run-1",
@@ -41,21 +42,28 @@ def ledger(tmp_path: Path) -> PrivacyLedger:
 
 def _three_entries(ledger: PrivacyLedger) -> list[str]:
     first = _reserve(ledger, 0)
-    ledger.commit(reserve_seq=first["seq"], update_sha256=SHA, num_examples=10, metrics={"train_loss": 1.5})
+    ledger.commit(
+        reserve_seq=first.raw["seq"], update_sha256=SHA, num_examples=10, metrics={"train_loss": 1.5}
+    )
     _reserve(ledger, 1)
     return ledger.path.read_text().splitlines()
 
 
 def test_reserve_then_commit(ledger: PrivacyLedger) -> None:
     entry = _reserve(ledger, 0)
-    assert entry["seq"] == 0 and entry["kind"] == "reserve" and entry["prev_hash"] == GENESIS_HASH
-    assert entry["epsilon"] == pytest.approx(epsilon([STEP], delta=DELTA))
-    assert entry["epsilon_rdp"] == pytest.approx(epsilon([STEP], delta=DELTA, accountant="rdp"))
-    assert entry["time"].endswith("+00:00")
+    assert entry.raw["seq"] == 0 and entry.raw["kind"] == "reserve" and entry.raw["prev_hash"] == GENESIS_HASH
+    assert entry.raw["epsilon"] == pytest.approx(epsilon([STEP], delta=DELTA))
+    assert entry.raw["epsilon_rdp"] == pytest.approx(epsilon([STEP], delta=DELTA, accountant="rdp"))
+    assert entry.raw["time"].endswith("+00:00")
     done = ledger.commit(reserve_seq=0, update_sha256=SHA, num_examples=12, metrics={"train_loss": 2.0})
-    assert (done["seq"], done["kind"], done["reserve_seq"], done["round"]) == (1, "commit", 0, 0)
-    assert done["prev_hash"] == entry["hash"]
-    assert [e["kind"] for e in ledger.entries()] == ["reserve", "commit"]
+    assert (done.raw["seq"], done.raw["kind"], done.raw["reserve_seq"], done.raw["round"]) == (
+        1,
+        "commit",
+        0,
+        0,
+    )
+    assert done.raw["prev_hash"] == entry.raw["hash"]
+    assert [e.kind for e in ledger.entries()] == ["reserve", "commit"]
     assert ledger.verify_chain() == []
     line = ledger.path.read_text().splitlines()[0]
     assert line == json.dumps(json.loads(line), sort_keys=True, separators=(",", ":"))
@@ -69,7 +77,7 @@ def test_history_survives_restart_and_reservations_count_without_commit(ledger: 
     assert reopened.history() == [STEP, STEP]
     assert reopened.spent(delta=DELTA) == pytest.approx(epsilon([STEP, STEP], delta=DELTA))
     assert reopened.spent(delta=DELTA, accountant="rdp") > reopened.spent(delta=DELTA)
-    assert _reserve(reopened, 2)["epsilon"] == pytest.approx(epsilon([STEP] * 3, delta=DELTA))
+    assert _reserve(reopened, 2).raw["epsilon"] == pytest.approx(epsilon([STEP] * 3, delta=DELTA))
 
 
 def test_budget_refusal_is_recorded_and_explained(ledger: PrivacyLedger) -> None:
@@ -83,9 +91,13 @@ def test_budget_refusal_is_recorded_and_explained(ledger: PrivacyLedger) -> None
     message = str(info.value)
     assert "max-epsilon=1" in message and f"{spent:.4f}" in message and f"{requested:.4f}" in message
     refusal = ledger.entries()[-1]
-    assert refusal["kind"] == "refuse" and refusal["round"] == 2 and "budget exceeded" in refusal["reason"]
-    assert refusal["requested_epsilon"] == pytest.approx(requested)
-    assert refusal["spent_epsilon"] == pytest.approx(spent)
+    assert (
+        refusal.raw["kind"] == "refuse"
+        and refusal.raw["round"] == 2
+        and "budget exceeded" in refusal.raw["reason"]
+    )
+    assert refusal.raw["requested_epsilon"] == pytest.approx(requested)
+    assert refusal.raw["spent_epsilon"] == pytest.approx(spent)
     assert ledger.history() == [STEP, STEP]  # a refusal spends nothing
     assert ledger.verify_chain() == []
 
@@ -93,16 +105,16 @@ def test_budget_refusal_is_recorded_and_explained(ledger: PrivacyLedger) -> None
 def test_rdp_gated_budget(ledger: PrivacyLedger) -> None:
     with pytest.raises(BudgetExceededError):  # PRV ~0.73 would fit, RDP ~1.21 does not
         _reserve(ledger, 0, max_epsilon=1.0, accountant="rdp")
-    assert _reserve(ledger, 0, max_epsilon=1.0)["accountant"] == "prv"
+    assert _reserve(ledger, 0, max_epsilon=1.0).raw["accountant"] == "prv"
 
 
 def test_a_trained_round_is_never_trained_again(ledger: PrivacyLedger) -> None:
     first = _reserve(ledger, 0)
-    ledger.commit(reserve_seq=first["seq"], update_sha256=SHA, num_examples=10, metrics={})
+    ledger.commit(reserve_seq=first.raw["seq"], update_sha256=SHA, num_examples=10, metrics={})
     with pytest.raises(PolicyViolationError, match="already trained round 0"):
         _reserve(ledger, 0)
-    assert ledger.entries()[-1]["kind"] == "refuse"
-    assert _reserve(ledger, 0, run_id="run-2")["kind"] == "reserve"  # another run may train round 0
+    assert ledger.entries()[-1].raw["kind"] == "refuse"
+    assert _reserve(ledger, 0, run_id="run-2").raw["kind"] == "reserve"  # another run may train round 0
     assert len(ledger.history()) == 2
 
 
@@ -110,10 +122,10 @@ def test_a_crashed_round_may_be_retried_and_both_reservations_count(ledger: Priv
     crashed = _reserve(ledger, 0)  # the process died before committing
     retry = _reserve(ledger, 0)
     assert ledger.history() == [STEP, STEP]  # the crashed attempt stays spent
-    assert retry["epsilon"] == pytest.approx(epsilon([STEP, STEP], delta=DELTA))
+    assert retry.raw["epsilon"] == pytest.approx(epsilon([STEP, STEP], delta=DELTA))
     with pytest.raises(LedgerError, match="superseded by a retry"):  # a late commit of the first attempt
-        ledger.commit(reserve_seq=crashed["seq"], update_sha256=SHA, num_examples=10, metrics={})
-    ledger.commit(reserve_seq=retry["seq"], update_sha256=SHA, num_examples=10, metrics={})
+        ledger.commit(reserve_seq=crashed.raw["seq"], update_sha256=SHA, num_examples=10, metrics={})
+    ledger.commit(reserve_seq=retry.raw["seq"], update_sha256=SHA, num_examples=10, metrics={})
     assert ledger.verify_chain() == []
 
 
@@ -121,7 +133,7 @@ def test_changing_delta_is_refused(ledger: PrivacyLedger) -> None:
     _reserve(ledger, 0)
     with pytest.raises(ConfigError, match="set the site policy's delta to 1e-05"):
         _reserve(ledger, 1, delta=1e-6)
-    assert ledger.entries()[-1]["kind"] == "refuse"
+    assert ledger.entries()[-1].raw["kind"] == "refuse"
     assert len(ledger.history()) == 1
 
 
@@ -136,7 +148,7 @@ def test_invalid_reservation_writes_nothing(ledger: PrivacyLedger, kw: dict[str,
 
 def test_commit_errors(ledger: PrivacyLedger) -> None:
     _reserve(ledger, 0)
-    with pytest.raises(LedgerError, match="no reservation with seq 5"):
+    with pytest.raises(LedgerError, match="no such reservation"):
         ledger.commit(reserve_seq=5, update_sha256=SHA, num_examples=1, metrics={})
     with pytest.raises(LedgerError, match="64 lowercase hex"):
         ledger.commit(reserve_seq=0, update_sha256="xyz", num_examples=1, metrics={})
@@ -154,7 +166,7 @@ def test_edited_value_is_detected_and_blocks_training(ledger: PrivacyLedger) -> 
     lines[0] = json.dumps(entry, sort_keys=True, separators=(",", ":"))
     ledger.path.write_text("\n".join(lines) + "\n")
     problems = ledger.verify_chain()
-    assert any(p.startswith(f"{ledger.path}:1: hash mismatch") for p in problems)
+    assert any(p.startswith(f"{ledger.path}:1: hash does not match") for p in problems)
     with pytest.raises(LedgerError, match="fails verification"):
         _reserve(ledger, 2)
 
@@ -178,7 +190,7 @@ def test_swapped_lines_are_detected(ledger: PrivacyLedger) -> None:
 def test_corrupt_line_names_path_and_line(ledger: PrivacyLedger) -> None:
     lines = _three_entries(ledger)
     ledger.path.write_text("\n".join([*lines, '{"seq": 3, "kind": "res']) + "\n")
-    with pytest.raises(LedgerError, match=f"{ledger.path}:4: corrupt entry"):
+    with pytest.raises(LedgerError, match="line 4: corrupt entry"):
         ledger.entries()
     assert any(p.startswith(f"{ledger.path}:4: corrupt entry") for p in ledger.verify_chain())
 
@@ -198,11 +210,11 @@ def test_signature_extension_point(ledger: PrivacyLedger) -> None:
         return hmac.compare_digest(sign(body), signature)
 
     signed = PrivacyLedger(ledger.path, signer=sign, verifier=check)
-    assert "signature" in _reserve(signed, 0)
+    assert "signature" in _reserve(signed, 0).raw
     assert signed.verify_chain() == []
     assert PrivacyLedger(ledger.path, verifier=lambda body, sig: False).verify_chain() != []
     _reserve(ledger, 1)  # unsigned entry
-    assert any("missing or invalid signature" in p for p in signed.verify_chain())
+    assert any("entry is not signed" in p for p in signed.verify_chain())
 
 
 def _reserve_in_child(path: str, round: int) -> str:
@@ -215,7 +227,8 @@ def _reserve_in_child(path: str, round: int) -> str:
 
 
 def test_concurrent_reservations_never_overspend(ledger: PrivacyLedger) -> None:
-    with multiprocessing.get_context("fork").Pool(4) as pool:
+    # forkserver, not fork: this process may hold Ray/gRPC threads (a forked child can inherit their locks)
+    with multiprocessing.get_context("forkserver").Pool(4) as pool:
         outcomes = pool.starmap(_reserve_in_child, [(str(ledger.path), r) for r in range(4)])
     assert sorted(outcomes) == ["refused", "refused", "reserved", "reserved"]  # 2 rounds fit in 1.0
     assert ledger.verify_chain() == []

@@ -14,7 +14,7 @@ unmasked sum by ``sum_i w_i/M``, so every element of the average is off by less 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -22,14 +22,17 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import FedAvg
 from flwr.supercore.task_identity import TaskIdentity
 
 from client.client_app import is_secagg, train_reply
 from client.site import RoundOutcome
+from common.arrays import update_sha256
 from common.config import RunConfig, TrainRequest
 from common.errors import ConfigError, FedtuneError
 from server.secagg import MAX_WEIGHT, check_secagg, secagg_train_round
-from server.strategy import build_strategy
+from tests.server.replies import RUN as RUN_ID
+from tests.server.replies import receipt
 
 SHAPES = {f"m.l{i}.lora_{ab}.weight": (4, 8) if ab == "A" else (8, 4) for i in range(2) for ab in "AB"}
 WEIGHTS = (60, 120, 180, 240)  # num-examples of fake sites 0..3
@@ -55,21 +58,33 @@ def fake_delta(pid: int, rnd: int, key: str) -> np.ndarray:
     return np.random.default_rng(seed).normal(0, 0.05, SHAPES[key]).astype(np.float32)
 
 
-def fake_train(pid: int, arrays: ArrayRecord, req: TrainRequest) -> RoundOutcome:
-    if (pid, req.server_round) == DROP:
-        raise FedtuneError(f"fake site {pid} drops out in round {req.server_round}")
-    if pid in REFUSE.get(req.server_round, ()):
-        return RoundOutcome(site=f"fake-{pid}", trained=False, reason="budget", metrics={"epsilon": 8.0})
+def fake_train(pid: int, arrays: ArrayRecord, request: Mapping[str, Any]) -> RoundOutcome:
+    req = TrainRequest.from_record(request)
+    rnd = req.server_round
+    if (pid, rnd) == DROP:
+        raise FedtuneError(f"fake site {pid} drops out in round {rnd}")
+    common = {"delta": 1e-5, "max-epsilon": 8.0, "private": 1.0}
+    if pid in REFUSE.get(rnd, ()):
+        entry = receipt("refuse", rnd, seq=2 * rnd, reason="budget")
+        return RoundOutcome(
+            site=f"fake-{pid}",
+            trained=False,
+            reason="budget",
+            metrics={"epsilon": 8.0, **common},
+            receipt=entry,
+        )
     keys = req.lora.update_keys(arrays)
-    new = {k: Array(arrays[k].numpy() + fake_delta(pid, req.server_round, k)) for k in keys}
+    new = ArrayRecord({k: Array(arrays[k].numpy() + fake_delta(pid, rnd, k)) for k in keys})
+    metrics = {"epsilon": 0.5 * rnd, "eval-loss-before": 5.0, "train-batches": 1.0, "noise-multiplier": 1.0}
+    metrics |= {"sample-rate": 0.1, "steps": 1.0, **common}
     return RoundOutcome(
         site=f"fake-{pid}",
         trained=True,
-        arrays=ArrayRecord(new),
+        arrays=new,
         num_examples=WEIGHTS[pid],
-        metrics={"epsilon": 0.5 * req.server_round},
+        metrics=metrics,
         scrub_counts={"PERSON": pid},
-        receipt={"seq": req.server_round, "hash": f"h{pid}", "round": req.server_round, "run_id": "fake"},
+        receipt=receipt("commit", rnd, seq=2 * rnd, update_sha256=update_sha256(new)),
     )
 
 
@@ -92,9 +107,9 @@ def fake_server(results: dict[Any, Any]) -> ServerApp:
         try:
             cfg = RunConfig.from_flower(RUN)
             arrays = global_arrays()
-            strategy, _ = build_strategy(min_sites=4, fraction_train=1.0, sites_expected=4, site_dp=None)
+            strategy = FedAvg(min_train_nodes=4, min_available_nodes=4)  # the clear-text reference
             for rnd in (1, 2, 3, 4):
-                req = TrainRequest.build(cfg, server_round=rnd, run_id="fake", fingerprint="fake")
+                req = TrainRequest.build(cfg, server_round=rnd, run_id=RUN_ID, fingerprint="0" * 64)
                 msgs = list(strategy.configure_train(rnd, arrays, ConfigRecord(req.to_record()), grid))
                 replies = list(grid.send_and_receive(msgs, timeout=cfg.round_timeout))
                 trained = [m for m in replies if m.has_content() and "arrays" in m.content.array_records]
@@ -165,7 +180,7 @@ def test_secagg_matches_plain_fedavg_within_quantization(fake_run: dict[Any, Any
     for p, r in enumerate(sorted(rows.values(), key=lambda r: r.site)):
         assert r.status == "trained" and r.metrics["num-examples"] == WEIGHTS[p]
         assert r.metrics["epsilon"] == 0.5 and r.scrub == {"PERSON": p}
-        assert r.receipt["hash"] == f"h{p}" and r.receipt["round"] == 1
+        assert r.receipt["kind"] == "commit" and r.receipt["round"] == 1
         assert r.bytes_up > 0  # the masked vector: int64 per value, plus the weight factor
 
 
@@ -219,7 +234,7 @@ def test_plain_train_messages_bypass_secagg(task_identity: None) -> None:
     """Flower's secaggplus_mod raises KeyError on a train message without its configs: route around it."""
     from flwr.client.mod import secaggplus_mod
 
-    req = TrainRequest.build(RunConfig.from_flower(RUN), server_round=1, run_id="r", fingerprint="f")
+    req = TrainRequest.build(RunConfig.from_flower(RUN), server_round=1, run_id=RUN_ID, fingerprint="0" * 64)
     msg = Message(
         RecordDict({"arrays": global_arrays(), "config": ConfigRecord(req.to_record())}),
         dst_node_id=7,
