@@ -47,7 +47,8 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy common privacy client server fedtune tests bench
+	$(BIN)/mypy common privacy client server embedded fedtune tests bench
+	$(BIN)/lint-imports
 
 # Renders the audit report in headless Chromium (Debian package; not needed by `make test`).
 report-screenshot: $(STAMP)

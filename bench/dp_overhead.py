@@ -48,7 +48,7 @@ import torch
 from client.train import DP_MODES, DPMode, DPPlan, DPStepper, per_sample_loss
 from common.config import LoraSpec, default_run_config
 from common.modeling import load_base_model, make_peft_model
-from common.tiny import TinySpec, build_tiny_model
+from embedded.tiny import TinySpec, build_tiny_model
 
 RECORDS = 190
 MIN_TOKENS, MAX_TOKENS = 150, 220
@@ -97,7 +97,9 @@ def _data(cfg: BenchConfig, vocab: int) -> tuple[torch.Tensor, torch.Tensor, lis
 def _lora_model(cfg: BenchConfig) -> tuple[torch.nn.Module, int, int]:
     base = load_base_model(cfg.model_dir)
     total = sum(p.numel() for p in base.parameters())
-    model = make_peft_model(base, LoraSpec(cfg.lora_rank, cfg.lora_alpha, cfg.targets)).to(cfg.device)
+    model = make_peft_model(base, LoraSpec(cfg.lora_rank, cfg.lora_alpha, ",".join(cfg.targets))).to(
+        cfg.device
+    )
     model.train()
     return model, total, int(base.config.vocab_size)
 

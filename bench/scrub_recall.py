@@ -18,7 +18,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 
-from common.synthdata import PlantedPII, generate_site_records
+from embedded.synthdata import PlantedPII, generate_site_records
 from privacy.pii import ScrubConfig, get_scrubber
 
 _TITLES = {"Dr", "Mr", "Mrs", "Ms"}

@@ -3,7 +3,7 @@
 Usage: ``.venv/bin/python -m bench.scrub_throughput [--per-domain 100] [--workers 1] [--repeat 1]``
 
 Both scrub the same labelled synthetic notes (clinical, banking, insurance; see
-:mod:`common.synthpii`) in one run:
+:mod:`embedded.synthpii`) in one run:
 
 * ``presidio-default``: ``AnalyzerEngine`` on an ``NlpEngineProvider`` engine with the
   same spaCy package (full pipeline), default recognizers, one ``analyze()`` call per
@@ -25,7 +25,7 @@ from collections.abc import Sequence
 os.environ.setdefault("TLDEXTRACT_PUBLIC_SUFFIX_LIST_URLS", "")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from common.synthpii import generate_labelled_texts
+from embedded.synthpii import generate_labelled_texts
 from privacy.pii import ScrubConfig, get_scrubber
 from privacy.pii_eval import STRUCTURED, EvalReport, score
 from privacy.pii_patterns import IGNORED_SPACY_LABELS, SPACY_TO_PRESIDIO

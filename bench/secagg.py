@@ -51,7 +51,7 @@ def bench_server(overrides: dict[str, Any], schedule: list[str], rows: list[dict
         template = {k: v for k, v in spec_of(arrays).items() if k in keys}
         n = len(list(grid.get_node_ids()))
         inner, _ = build_strategy(min_sites=n, fraction_train=1.0, sites_expected=n, site_dp=None)
-        rules = UpdateRules(template, "bench-secagg", cfg.max_update_norm)
+        rules = UpdateRules(template, "bench-secagg", cfg.aggregation.max_update_norm)
         strategy = Guard(inner, rules, SiteRegistry(None, {}, {}))
         for rnd, mode in enumerate(schedule, start=1):
             req = TrainRequest.build(cfg, server_round=rnd, run_id="bench-secagg", fingerprint=fingerprint)

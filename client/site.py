@@ -1,7 +1,8 @@
 """The site agent below the Flower layer: one explicit recipe per training request.
 
-Lifecycle. Set up once per process (lazily, cached): policy, signing key, ledger, data, tokenizer,
-model. Each request then runs, in this order, and stops at the first step that says no:
+Lifecycle. :meth:`SiteAgent.setup` once per process (cached; every request calls it): state dir, data
+(validated, scrubbed, split), base-model fingerprint, tokenizer; the model loads for the request's LoRA
+layout. Each request then runs, in this order, and stops at the first step that says no:
 
 1. **parse** the request: every key present, every value in its domain (``TrainRequest``);
 2. **ledger continuity**: the ledger verifies, reaches its head record and holds the last entry the
@@ -9,7 +10,8 @@ model. Each request then runs, in this order, and stops at the first step that s
 3. **check** the request against the site: policy ceilings, base model, LoRA layout, the global adapter
    (shapes, dtypes, finite, a finite held-out loss);
 4. **budget gate** (``privacy.budget``) inside a ledger transaction: reserve (write-ahead), or refuse;
-5. **train** with DP-SGD; an update that is not finite is never sent (``abort``, its epsilon stays spent);
+5. **train** with the train step (DP-SGD, :data:`client.train.TrainStep`; training kinds plug in here);
+   an update that is not finite is never sent (``abort``, its epsilon stays spent);
 6. **commit** and reply with the committed entry as the receipt.
 
 A request refused at steps 1, 3 or 4 is recorded in the ledger as a ``refuse`` entry and never reaches a
@@ -35,7 +37,7 @@ from flwr.app import ArrayRecord
 from client import faults
 from client.data import SiteData, load_site_data, tokenize
 from client.policy import SitePolicy
-from client.train import DPPlan, evaluate_loss, train_dp
+from client.train import DPPlan, TrainStep, evaluate_loss, train_dp
 from common.arrays import check_update, spec_of, to_record, to_state, update_sha256
 from common.config import LoraSpec, TrainRequest
 from common.errors import BudgetExceededError, ConfigError, PolicyViolationError
@@ -76,8 +78,9 @@ class RoundOutcome:
 class SiteAgent:
     """One site's long-lived state in a process (policy, key, ledger, data, model)."""
 
-    def __init__(self, policy: SitePolicy) -> None:
+    def __init__(self, policy: SitePolicy, *, train_step: TrainStep | None = None) -> None:
         self.policy = policy
+        self.train_step: TrainStep = train_step or train_dp
         self.key: SigningKey | None = _signing_key(policy)
         self.ledger = PrivacyLedger(
             policy.ledger_path,
@@ -120,6 +123,18 @@ class SiteAgent:
                     f"{MIN_FREE_BYTES // 2**20} MiB the ledger and caches need: free space before training"
                 ],
             )
+
+    def setup(self) -> SiteData:
+        """Once per process, then cheap: the state dir writable, the data prepared, the model identified.
+
+        The state dir is checked on every call, so a disk that filled up fails before a reservation.
+        """
+        self.check_state_dir()
+        data = self.data()
+        self.model_fingerprint()
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.policy.model_path)
+        return data
 
     def data(self) -> SiteData:
         """Validated, scrubbed, split site data (cached in memory and in the state dir)."""
@@ -165,15 +180,20 @@ class SiteAgent:
         """The site's model holding the coordinator's global adapter, after checking both."""
         pol = self.policy
         broken = []
-        if req.learning_rate > pol.max_learning_rate:
+        if req.train.learning_rate > pol.training.max_learning_rate:
             broken.append(
-                f"learning rate {req.learning_rate:g} is above the site's max-learning-rate "
-                f"{pol.max_learning_rate:g}"
+                f"learning rate {req.train.learning_rate:g} is above the site's max-learning-rate "
+                f"{pol.training.max_learning_rate:g}"
             )
-        if req.max_seq_len > pol.max_seq_len:
-            broken.append(f"max-seq-len {req.max_seq_len} is above the site's max-seq-len {pol.max_seq_len}")
-        if req.lora_rank > pol.max_lora_rank:
-            broken.append(f"LoRA rank {req.lora_rank} is above the site's max-lora-rank {pol.max_lora_rank}")
+        if req.train.max_seq_len > pol.training.max_seq_len:
+            broken.append(
+                f"max-seq-len {req.train.max_seq_len} is above the site's max-seq-len "
+                f"{pol.training.max_seq_len}"
+            )
+        if req.lora.rank > pol.training.max_lora_rank:
+            broken.append(
+                f"LoRA rank {req.lora.rank} is above the site's max-lora-rank {pol.training.max_lora_rank}"
+            )
         if broken:
             raise PolicyViolationError("; ".join(broken) + ": the site refuses")
         if req.base_model_fingerprint != self.model_fingerprint():
@@ -184,9 +204,9 @@ class SiteAgent:
             )
         model = self._peft(req.lora)
         positions = getattr(model.config, "max_position_embeddings", None)
-        if isinstance(positions, int) and req.max_seq_len > positions:
+        if isinstance(positions, int) and req.train.max_seq_len > positions:
             raise PolicyViolationError(
-                f"max-seq-len {req.max_seq_len} exceeds the base model's {positions} positions"
+                f"max-seq-len {req.train.max_seq_len} exceeds the base model's {positions} positions"
             )
         problems = check_update(arrays, self._template)
         if problems:
@@ -201,17 +221,16 @@ class SiteAgent:
     def train_round(self, arrays: ArrayRecord, request: TrainRequest | Mapping[str, Any]) -> RoundOutcome:
         """Answer one training request: refuse with a recorded reason, or train and reply."""
         pol = self.policy
-        self.check_state_dir()  # every round: a disk that filled up since must fail before the reservation
+        data = self.setup()
         try:
             req = request if isinstance(request, TrainRequest) else TrainRequest.from_record(request)
         except ConfigError as exc:
             rnd, run = TrainRequest.salvage(request if isinstance(request, Mapping) else {})
             return self._refuse(rnd, run, exc)
-        data = self.data()
         self.ledger.state(expect=(req.ledger_seq, req.ledger_hash))  # LedgerError: stop, write nothing
         try:
             model = self._load_global(req, arrays)
-            ids, mask, ev_ids, ev_mask = self._tensors_for(req.max_seq_len)
+            ids, mask, ev_ids, ev_mask = self._tensors_for(req.train.max_seq_len)
             eval_before = evaluate_loss(model, ev_ids, ev_mask)
             if not math.isfinite(eval_before):
                 raise PolicyViolationError(
@@ -223,16 +242,16 @@ class SiteAgent:
             run_id=req.run_id,
             round=req.server_round,
             num_rounds=req.num_rounds,
-            sample_rate=min(1.0, req.batch_size / len(data.train)),
-            steps=req.local_steps,
-            max_grad_norm=req.max_grad_norm,
-            noise_multiplier=req.noise_multiplier,
-            private=req.dp,
-            seeded=req.seed >= 0,
+            sample_rate=min(1.0, req.train.batch_size / len(data.train)),
+            steps=req.train.local_steps,
+            max_grad_norm=req.train.max_grad_norm,
+            noise_multiplier=req.train.noise_multiplier,
+            private=req.train.dp,
+            seeded=req.train.seed >= 0,
         )
         try:
             with self.ledger.transaction(expect=(req.ledger_seq, req.ledger_hash)) as tx:
-                grant, entry = admit(tx, pol.budget(), ask, data_fingerprint=data.fingerprint)
+                grant, entry = admit(tx, pol.privacy, ask, data_fingerprint=data.fingerprint)
         except REFUSALS as exc:  # the refusal is already in the ledger
             return self._refusal(exc, self.ledger.state())
         if not grant.private:
@@ -242,7 +261,7 @@ class SiteAgent:
             grant.sample_rate,
             grant.steps,
             grant.max_grad_norm if grant.private else NO_CLIPPING,
-            req.batch_size,
+            req.train.batch_size,
         )
         return self._train(req, model, ids, mask, plan, eval_before, arrays, entry)
 
@@ -262,7 +281,9 @@ class SiteAgent:
         fault = faults.active(pol.name, req.server_round)
         if fault == "raise":
             raise faults.InjectedFault(f"injected crash at site {pol.name} in round {req.server_round}")
-        stats = train_dp(model, ids, mask, plan, learning_rate=req.learning_rate, seed=self._round_seed(req))
+        stats = self.train_step(
+            model, ids, mask, plan, learning_rate=req.train.learning_rate, seed=self._round_seed(req)
+        )
         state = adapter_state(model)
         record = to_record({k: state[k] for k in req.lora.update_keys(state)})
         finite = all(np.isfinite(a.numpy()).all() for a in record.values())
@@ -300,9 +321,9 @@ class SiteAgent:
 
     def _round_seed(self, req: TrainRequest) -> int | None:
         """Testing only: a seed per (run seed, site, round), so sites and rounds draw different noise."""
-        if req.seed < 0:
+        if req.train.seed < 0:
             return None
-        digest = hashlib.sha256(f"{req.seed}|{self.policy.name}|{req.server_round}".encode()).digest()
+        digest = hashlib.sha256(f"{req.train.seed}|{self.policy.name}|{req.server_round}".encode()).digest()
         return int.from_bytes(digest[:7], "big")
 
     def _refuse(self, rnd: int, run_id: str, exc: Exception) -> RoundOutcome:
@@ -316,8 +337,12 @@ class SiteAgent:
 
     def _outcome(self, trained: bool, reason: str, state: LedgerState, receipt: Entry | None) -> RoundOutcome:
         pol = self.policy
-        spent = state.epsilon(delta=pol.delta, accountant=pol.accountant)
-        metrics = {"delta": pol.delta, "max-epsilon": pol.max_epsilon, "private": float(math.isfinite(spent))}
+        spent = state.epsilon(delta=pol.privacy.delta, accountant=pol.privacy.accountant)
+        metrics = {
+            "delta": pol.privacy.delta,
+            "max-epsilon": pol.privacy.max_epsilon,
+            "private": float(math.isfinite(spent)),
+        }
         if math.isfinite(spent):
             metrics["epsilon"] = spent
         return RoundOutcome(
@@ -332,9 +357,10 @@ class SiteAgent:
 
     def evaluate(self, arrays: ArrayRecord, request: TrainRequest | Mapping[str, Any]) -> tuple[float, int]:
         """Held-out loss of the global adapter at this site (spends no budget)."""
+        self.setup()
         req = request if isinstance(request, TrainRequest) else TrainRequest.from_record(request)
         model = self._load_global(req, arrays)
-        _, _, ev_ids, ev_mask = self._tensors_for(req.max_seq_len)
+        _, _, ev_ids, ev_mask = self._tensors_for(req.train.max_seq_len)
         return evaluate_loss(model, ev_ids, ev_mask), int(ev_ids.size(0))
 
 
@@ -342,7 +368,7 @@ def _signing_key(policy: SitePolicy) -> SigningKey | None:
     """The ledger key from the policy's signing key (None: entries are hash-chained only)."""
     if policy.signing_key is None:
         return None
-    env = policy.signing_key_passphrase_env
+    env = policy.site.signing_key_passphrase_env
     if env and env not in os.environ:
         raise ConfigError(
             str(policy.source),

@@ -17,7 +17,7 @@ import logging
 import secrets
 import warnings
 from dataclasses import dataclass
-from typing import Any, Literal, get_args
+from typing import Any, Literal, Protocol, get_args
 
 import torch
 from opacus import GradSampleModule
@@ -66,6 +66,21 @@ class TrainStats:
     def batches(self) -> int:
         """Steps whose Poisson batch held at least one record."""
         return self.steps - self.empty_batches
+
+
+class TrainStep(Protocol):
+    """The site recipe's train step: train `model` on the records under `plan` (training kinds plug in)."""
+
+    def __call__(
+        self,
+        model: torch.nn.Module,
+        ids: torch.Tensor,
+        mask: torch.Tensor,
+        plan: DPPlan,
+        *,
+        learning_rate: float,
+        seed: int | None = None,
+    ) -> TrainStats: ...
 
 
 def make_generator(seed: int | None) -> torch.Generator:

@@ -110,7 +110,7 @@ def lora_config(spec: LoraSpec) -> Any:
     return LoraConfig(
         r=spec.rank,
         lora_alpha=spec.alpha,
-        target_modules=list(spec.targets),
+        target_modules=list(spec.modules),
         lora_dropout=0.0,
         bias="none",
         task_type="CAUSAL_LM",

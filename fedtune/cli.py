@@ -14,6 +14,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from common.errors import FedtuneError
+from common.runfolder import RunFolder
 from fedtune.audit_cli import audit_app, site_app
 from fedtune.deploy_cli import deploy_app
 from fedtune.scrub_cli import scrub
@@ -33,7 +34,7 @@ app.add_typer(deploy_app, name="deploy", help="Provision a real federation: CA, 
 @model_app.command("tiny")
 def model_tiny(out: Annotated[Path, typer.Option(help="Folder to write the model to.")]) -> None:
     """Build the embedded tiny Llama-architecture model and its tokenizer locally."""
-    from common.tiny import build_tiny_model
+    from embedded.tiny import build_tiny_model
 
     path = build_tiny_model(out, progress=lambda s: console.print(f"[dim]{s}[/dim]"))
     console.print(f"tiny model written to [bold]{path}[/bold]")
@@ -47,7 +48,7 @@ def data_synth(
     seed: Annotated[int, typer.Option(help="Generator seed.")] = 0,
 ) -> None:
     """Write synthetic, non-IID, PII-laden clinical notes for each site."""
-    from common.synthdata import write_synthetic_sites
+    from embedded.synthdata import write_synthetic_sites
 
     for p in write_synthetic_sites(out, sites=sites, records_per_site=records, seed=seed):
         console.print(f"wrote {p}")
@@ -162,7 +163,7 @@ def simulate(
     if resume is not None:
         # a missing or broken simulation.json is reported by resume() itself
         with contextlib.suppress(OSError, ValueError, LookupError, AttributeError, TypeError):
-            spec = json.loads((resume / "simulation.json").read_text(encoding="utf-8"))
+            spec = json.loads(RunFolder(resume).simulation.read_text(encoding="utf-8"))
             planned = spec["overrides"].get("num-server-rounds", rounds)
         console.print(f"resuming {resume} from its last checkpoint ...")
         summary = run_resume(resume, on_round=on_round)

@@ -31,7 +31,7 @@ from rich.markup import escape
 
 from client.policy import render_policy
 from common.errors import ConfigError
-from common.provision import (
+from fedtune.provision import (
     DEFAULT_PORT,
     ca_certificate,
     certificate_pem,

@@ -7,7 +7,6 @@ no coordinator; run folder and summary have the same shape as ``fedtune simulate
 
 from __future__ import annotations
 
-import json
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
@@ -18,8 +17,8 @@ from client.site import SiteAgent
 from common.arrays import payload_bytes
 from common.config import RunConfig, TrainRequest
 from common.modeling import model_fingerprint
+from common.runfolder import RunFolder
 from server.coordinator import initial_adapter, merge_site
-from server.export import write_summary
 from server.strategy import SiteReply
 
 
@@ -48,8 +47,8 @@ def run_local(policies: list[Path], run_config: Mapping[str, Any]) -> dict[str, 
             sites[name]["eval_loss_after"] = loss
             lines[rnd - 1]["sites"][name] = {"status": status, "eval-loss": loss, **outcome.metrics}
         sites[name]["num_examples"] = len(agent.data().train)
-    with open(out / "metrics.jsonl", "w", encoding="utf-8") as fh:
-        fh.writelines(json.dumps(line) + "\n" for line in lines)
+    run = RunFolder(out)
+    run.write_metrics(lines)
     summary = {
         "run_id": run_id,
         "mode": "local-only",
@@ -64,5 +63,5 @@ def run_local(policies: list[Path], run_config: Mapping[str, Any]) -> dict[str, 
         "bytes_up": 0,
         "sites": dict(sorted(sites.items())),
     }
-    write_summary(out / "summary.json", summary)
+    run.write_summary(summary)
     return summary

@@ -101,7 +101,7 @@ def config_from_policy(policy: Path) -> tuple[ScrubConfig, tuple[str, ...]]:
 
     pol = load_policy(policy)
     config = scrub_config(pol)
-    return config, pol.text_fields
+    return config, pol.data.text_fields
 
 
 def scrub_file(

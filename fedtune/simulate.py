@@ -21,9 +21,9 @@ from common.config import SITE_NAME
 from common.errors import ConfigError
 from common.fsutil import atomic_write_text
 from common.modeling import check_model_dir, set_offline_env
+from common.runfolder import RunFolder
 
 RoundCallback = Callable[[dict[str, Any]], None]
-SPEC = "simulation.json"  # how the run was launched, so --resume can launch it again
 
 
 def cache_dir() -> Path:
@@ -34,14 +34,14 @@ def cache_dir() -> Path:
 
 def default_model() -> Path:
     """The embedded tiny model, built on first use and reused after."""
-    from common.tiny import ensure_tiny_model
+    from embedded.tiny import ensure_tiny_model
 
     return ensure_tiny_model(cache_dir() / "tiny-model")
 
 
 def default_data(sites: int) -> Path:
     """The embedded synthetic corpus for ``sites`` sites, written on first use."""
-    from common.synthdata import write_synthetic_sites
+    from embedded.synthdata import write_synthetic_sites
 
     out = cache_dir() / f"synth-{sites}"
     if not (out / ".complete").is_file():
@@ -96,13 +96,14 @@ def prepare_run(
     from privacy.keys import generate_keypair
 
     policies = []
-    (out / "keys").mkdir(parents=True, exist_ok=True)
+    run = RunFolder(out)
+    run.keys.mkdir(parents=True, exist_ok=True)
     for f in site_files(data, sites):
         name = f.stem
-        site_dir = out / "sites" / name
+        site_dir = run.sites / name
         site_dir.mkdir(parents=True, exist_ok=True)
         private, public = generate_keypair(site_dir / "keys")
-        shutil.copyfile(public, out / "keys" / f"{name}.pub")
+        shutil.copyfile(public, run.public_key(name))
         text = render_policy(
             name=name,
             data_path=f.resolve(),
@@ -124,26 +125,24 @@ def collect_ledgers(out: Path, policies: list[Path]) -> list[Path]:
     """Copy each site's ledger and head record into ``out/ledgers/`` (as an auditor gathers them)."""
     from client.policy import load_policy
 
-    dest = out / "ledgers"
-    dest.mkdir(exist_ok=True)
+    run = RunFolder(out)
+    run.ledgers.mkdir(exist_ok=True)
     copied = []
     for p in policies:
         pol = load_policy(p)
         if pol.ledger_path.is_file():
-            target = dest / f"{pol.name}.jsonl"
-            shutil.copyfile(pol.ledger_path, target)
-            copied.append(target)
+            shutil.copyfile(pol.ledger_path, run.ledger(pol.name))
+            copied.append(run.ledger(pol.name))
         if pol.ledger_head.is_file():
-            shutil.copyfile(pol.ledger_head, dest / f"{pol.name}.head.json")
+            shutil.copyfile(pol.ledger_head, run.head(pol.name))
     return copied
 
 
 def check_overrides(run_config: Mapping[str, Any]) -> None:
     """Refuse a bad run config before any folder, model or Ray worker is made (every problem at once)."""
     from common.config import RunConfig
-    from server.coordinator import check_run_config
 
-    check_run_config(RunConfig.from_flower(run_config, source="--run-config"))
+    RunConfig.from_flower(run_config, source="--run-config")
 
 
 def simulate(
@@ -173,7 +172,7 @@ def simulate(
     overrides: dict[str, Any] = {
         "min-train-sites": min(2, sites),
         "federation-dir": str(out),  # a simulated federation lives and dies with its run folder
-        "site-keys": str(out / "keys"),  # the operator received each simulated site's public key
+        "site-keys": str(RunFolder(out).keys),  # the operator received each simulated site's public key
         **dict(run_config or {}),
         "num-server-rounds": rounds,
         "out-dir": str(out),
@@ -214,7 +213,7 @@ def simulate(
         collect_ledgers(out, policies)
         return summary_local
     spec = {"sites": sites, "policies": [str(p) for p in policies], "overrides": overrides}
-    atomic_write_text(out / SPEC, json.dumps(spec, indent=2))
+    atomic_write_text(RunFolder(out).simulation, json.dumps(spec, indent=2))
     return _run_flower(out, sites, overrides, policies, on_round=on_round, quiet=quiet)
 
 
@@ -223,10 +222,10 @@ def resume(out: Path, *, on_round: RoundCallback | None = None, quiet: bool = Tr
     set_offline_env()
     out = out.resolve()
     try:
-        spec = json.loads((out / SPEC).read_text(encoding="utf-8"))
+        spec = json.loads(RunFolder(out).simulation.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise ConfigError(
-            str(out / SPEC),
+            str(RunFolder(out).simulation),
             [f"cannot read the simulation's settings ({exc}): is {out} a simulate run folder?"],
         ) from None
     from server.checkpoint import latest_checkpoint
@@ -254,7 +253,8 @@ def _run_flower(
 
     if quiet:
         logging.getLogger("flwr").setLevel(logging.WARNING)
-    summary_path = out / "summary.json"
+    run = RunFolder(out)
+    summary_path = run.summary
     summary_path.unlink(missing_ok=True)
     run_simulation(
         server_app=build_server(overrides, on_round=on_round),
@@ -266,8 +266,7 @@ def _run_flower(
         },
     )
     if not summary_path.is_file():
-        hint = " (resume it: fedtune simulate --resume RUN_DIR)" if (out / "checkpoints").is_dir() else ""
+        hint = " (resume it: fedtune simulate --resume RUN_DIR)" if run.checkpoints.is_dir() else ""
         raise RuntimeError(f"the simulation ended without writing {summary_path}; see the log above{hint}")
     collect_ledgers(out, policies)
-    summary: dict[str, Any] = json.loads(summary_path.read_text(encoding="utf-8"))
-    return summary
+    return run.read_summary()

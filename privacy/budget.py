@@ -24,6 +24,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from common.declare import option
 from common.errors import BudgetExceededError, PolicyViolationError
 from privacy.accounting import MechanismStep, calibrate_noise, epsilon
 from privacy.ledger import LedgerState, Transaction
@@ -32,22 +33,72 @@ from privacy.ledger_entries import Release, Reserve
 __all__ = ["BudgetPolicy", "Grant", "Refused", "RoundRequest", "admit", "decide"]
 
 
+def _positive(x: float) -> bool:
+    return x > 0
+
+
 @dataclass(frozen=True)
 class BudgetPolicy:
-    """The site's budget rules (from its policy's ``[privacy]`` section)."""
+    """The site's budget rules: the ``[privacy]`` section of its policy, declared here once."""
 
-    max_epsilon: float
-    delta: float
-    accountant: str = "prv"
-    max_epsilon_per_run: float | None = None  # None: max_epsilon
-    max_epsilon_per_round: float | None = None  # None: max_epsilon / 2
-    min_noise_multiplier: float = 0.3
-    max_sample_rate: float = 0.25
-    max_grad_norm: float = 10.0
-    max_steps_per_round: int = 1000
-    max_round_retries: int = 1
-    allow_non_private: bool = False
-    allow_seeded_noise: bool = False
+    max_epsilon: float = option(
+        "max-epsilon", 8.0, "the site's lifetime privacy budget", "a number > 0", _positive
+    )
+    delta: float = option("delta", 1e-5, "the site's delta", "a number in (0, 1e-3]", lambda x: 0 < x <= 1e-3)
+    accountant: str = option(
+        "accountant",
+        "prv",
+        "the accountant that enforces the budget",
+        "'prv' or 'rdp'",
+        lambda x: x in ("prv", "rdp"),
+    )
+    max_epsilon_per_run: float | None = option(
+        "max-epsilon-per-run",
+        None,
+        "ceiling of one run id's epsilon",
+        "a number > 0, at most max-epsilon (default: max-epsilon)",
+        _positive,
+    )
+    max_epsilon_per_round: float | None = option(
+        "max-epsilon-per-round", None, "ceiling of one round's epsilon, alone",
+        "a number > 0, at most max-epsilon-per-run (default: max-epsilon / 2)", _positive,
+    )  # fmt: skip
+    min_noise_multiplier: float = option(
+        "min-noise-multiplier",
+        0.3,
+        "noise floor: requests below are refused",
+        "a number >= 0",
+        lambda x: x >= 0,
+    )
+    max_sample_rate: float = option(
+        "max-sample-rate",
+        0.25,
+        "ceiling on the Poisson sample rate",
+        "a fraction in (0, 1]",
+        lambda x: 0 < x <= 1,
+    )
+    max_grad_norm: float = option(
+        "max-grad-norm", 10.0, "ceiling on the clip norm", "a number > 0", _positive
+    )
+    max_steps_per_round: int = option(
+        "max-steps-per-round", 1000, "ceiling on DP-SGD steps per round", "an integer >= 1", lambda x: x >= 1
+    )
+    max_round_retries: int = option(
+        "max-round-retries",
+        1,
+        "re-reservations of a round that crashed before committing",
+        "an integer >= 0",
+        lambda x: x >= 0,
+    )
+    allow_non_private: bool = option(
+        "allow-non-private", False, "training without DP", "false; true only for benchmarks on synthetic data"
+    )
+    allow_seeded_noise: bool = option(
+        "allow-seeded-noise",
+        False,
+        "a coordinator's noise seed",
+        "false; true only for reproducible tests (NOT private)",
+    )
 
     @property
     def per_run(self) -> float:
@@ -58,6 +109,17 @@ class BudgetPolicy:
     def per_round(self) -> float:
         """The per-round ceiling in force."""
         return self.max_epsilon / 2 if self.max_epsilon_per_round is None else self.max_epsilon_per_round
+
+    def problems(self) -> list[str]:
+        """The ceilings must nest: per round <= per run <= lifetime."""
+        out = []
+        if self.per_run > self.max_epsilon:
+            out.append(f"max-epsilon-per-run {self.per_run:g} is above max-epsilon {self.max_epsilon:g}")
+        if self.per_round > self.per_run:
+            out.append(
+                f"max-epsilon-per-round {self.per_round:g} is above max-epsilon-per-run {self.per_run:g}"
+            )
+        return out
 
 
 @dataclass(frozen=True)
@@ -90,6 +152,7 @@ class Refused(PolicyViolationError):
     """The budget gate refuses the request; ``details`` go into the ``refuse`` entry."""
 
     def __init__(self, reason: str, **details: Any) -> None:
+        self._init = ((reason,), dict(details))
         self.details = {
             k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in details.items()
         }

@@ -50,6 +50,7 @@ class KeyFileError(FedtuneError):
     """A key file is missing, of the wrong type, or cannot be decrypted."""
 
     def __init__(self, path: Path, problem: str, fix: str) -> None:
+        self._init = ((path, problem, fix), {})
         self.path = path
         super().__init__(f"{path}: {problem}. Fix: {fix}")
 

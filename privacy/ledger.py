@@ -21,8 +21,7 @@ import contextlib
 import fcntl
 import json
 import math
-import os
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -43,86 +42,14 @@ from privacy.ledger_entries import (
     from_dict,
     is_sha256,
 )
+from privacy.ledger_file import append_line, locked, read_lines
 from privacy.ledger_head import check_head, read_head, write_head
+from privacy.ledger_state import LedgerState
 
 __all__ = ["GENESIS_HASH", "LedgerError", "LedgerState", "PrivacyLedger", "Transaction", "canonical_bytes"]
 
 Signer = Callable[[bytes], str]
 Verifier = Callable[[bytes, str], bool]
-
-
-class LedgerState:
-    """Queries over a verified ledger's entries (what the budget gate and the site ask)."""
-
-    def __init__(self, entries: Sequence[Entry]) -> None:
-        self.entries: tuple[Entry, ...] = tuple(entries)
-
-    @property
-    def head(self) -> tuple[int, str] | None:
-        """``(seq, hash)`` of the last entry, ``None`` for an empty ledger."""
-        return (self.entries[-1].seq, self.entries[-1].hash) if self.entries else None
-
-    def reserves(self, run_id: str | None = None) -> list[Reserve]:
-        """Every DP reservation (of one run, if given), committed or not: all of them count."""
-        return [e for e in self.entries if isinstance(e, Reserve) and run_id in (None, e.run_id)]
-
-    def history(self, run_id: str | None = None) -> list[MechanismStep]:
-        """The mechanisms of those reservations, for the accountant."""
-        return [MechanismStep(r.noise_multiplier, r.sample_rate, r.steps) for r in self.reserves(run_id)]
-
-    @property
-    def release(self) -> Release | None:
-        """The first round trained without DP, if any: from then on epsilon is unbounded."""
-        return next((e for e in self.entries if isinstance(e, Release)), None)
-
-    @property
-    def delta(self) -> float | None:
-        """The delta of the ledger's reservations (all share the first one's)."""
-        reserves = self.reserves()
-        return reserves[0].delta if reserves else None
-
-    def epsilon(self, *, delta: float, accountant: str = "prv", run_id: str | None = None) -> float:
-        """Cumulative epsilon (of one run, if given); ``inf`` once records were released without DP."""
-        if self.release is not None and (run_id is None or run_id == self.release.run_id):
-            return math.inf
-        return epsilon(self.history(run_id), delta=delta, accountant=accountant)
-
-    def highest_round(self, run_id: str) -> int | None:
-        """The highest round of ``run_id`` that was reserved (DP or not)."""
-        rounds = [e.round for e in self.entries if isinstance(e, Reserve | Release) and e.run_id == run_id]
-        return max(rounds, default=None)
-
-    def attempts(self, run_id: str, rnd: int) -> int:
-        """How often round ``rnd`` of ``run_id`` was reserved (a crashed round may be retried)."""
-        return sum(
-            isinstance(e, Reserve | Release) and (e.run_id, e.round) == (run_id, rnd) for e in self.entries
-        )
-
-    def committed(self, run_id: str, rnd: int) -> bool:
-        """Whether round ``rnd`` of ``run_id`` was trained and sent."""
-        return any(isinstance(e, Commit) and (e.run_id, e.round) == (run_id, rnd) for e in self.entries)
-
-    def open(self, seq: int) -> Reserve | Release | None:
-        """The reservation ``seq`` if it may still be committed (not closed, not superseded by a retry)."""
-        target = next((e for e in self.entries if e.seq == seq and isinstance(e, Reserve | Release)), None)
-        if target is None:
-            return None
-        for e in self.entries[seq + 1 :]:
-            closes = isinstance(e, Commit | Abort) and e.reserve_seq == seq
-            retried = isinstance(e, Reserve | Release) and (e.run_id, e.round) == (
-                target.run_id,
-                target.round,
-            )
-            if closes or retried:
-                return None
-        return target
-
-    def reused_noise(self, run_id: str, sample_rate: float, steps: int) -> float | None:
-        """The noise a run already calibrated for this sample rate and step count (rounds share it)."""
-        for r in reversed(self.reserves(run_id)):
-            if r.sample_rate == sample_rate and r.steps == steps:
-                return r.noise_multiplier
-        return None
 
 
 class Transaction:
@@ -140,10 +67,19 @@ class Transaction:
         raw["hash"] = entry_hash(raw)
         if self._ledger.signer is not None:
             raw["signature"] = self._ledger.signer(canonical_bytes(raw))
+        line = json.dumps(raw, sort_keys=True, separators=(",", ":"), allow_nan=False)
         entry, problems = from_dict(raw)
-        if entry is None:  # a programming error: never write what the checker would reject
-            raise LedgerError(self._ledger.path, None, f"refusing to write a malformed entry: {problems}")
-        self._ledger._write_line(json.dumps(raw, sort_keys=True, separators=(",", ":"), allow_nan=False))
+        lines = [
+            (n, json.dumps(dict(e.raw), sort_keys=True, separators=(",", ":")))
+            for n, e in enumerate(entries, 1)
+        ]
+        found = walk(self._ledger.path, [*lines, (len(lines) + 1, line)])
+        problems += [f.message for f in found.errors if f.line == len(lines) + 1]
+        if entry is None or problems:  # never write what the checker (site's or auditor's) would reject
+            raise LedgerError(
+                self._ledger.path, None, f"refusing to write an entry the checker rejects: {problems}"
+            )
+        append_line(self._ledger.path, line)
         self.state = LedgerState([*entries, entry])
         self._ledger._write_head(entry)
         return entry
@@ -180,8 +116,7 @@ class Transaction:
         request: dict[str, Any] = {"delta": delta, "max_epsilon": max_epsilon, "accountant": accountant}
         request |= {"noise_multiplier": step.noise_multiplier, "sample_rate": step.sample_rate}
         request |= {"steps": step.steps, "max_grad_norm": max_grad_norm}
-        if state.committed(run_id, round):
-            reason = f"run {run_id!r} already trained round {round}; a round is never trained twice"
+        if reason := _order_problem(state, run_id, round):
             self.refuse(round=round, run_id=run_id, reason=reason, **request)
             raise PolicyViolationError(f"{self._ledger.path}: refused: {reason}")
         if delta != ledger_delta:
@@ -220,8 +155,7 @@ class Transaction:
 
     def release_round(self, *, round: int, run_id: str, data_fingerprint: str, reason: str) -> Release:
         """Record, before training, a round that trains WITHOUT differential privacy."""
-        if self.state.committed(run_id, round):
-            why = f"run {run_id!r} already trained round {round}; a round is never trained twice"
+        if why := _order_problem(self.state, run_id, round):
             self.refuse(round=round, run_id=run_id, reason=why)
             raise PolicyViolationError(f"{self._ledger.path}: refused: {why}")
         fields = {"kind": "release", "round": round, "run_id": run_id, "data_fingerprint": data_fingerprint}
@@ -284,7 +218,7 @@ class PrivacyLedger:
     # ------------------------------------------------------------------ reading
     def state(self, *, expect: tuple[int, str] | None = None) -> LedgerState:
         """The verified ledger (shared lock); ``LedgerError`` naming the problem if any check fails."""
-        with self._locked(fcntl.LOCK_SH):
+        with locked(self.path, self.lock_path, fcntl.LOCK_SH):
             return LedgerState(self._verified(expect))
 
     def entries(self) -> list[Entry]:
@@ -301,15 +235,15 @@ class PrivacyLedger:
 
     def verify_chain(self) -> list[str]:
         """Every problem of the file as ``path:line: problem`` (empty if intact); never raises for content."""
-        with self._locked(fcntl.LOCK_SH):
-            found = walk(self.path, self._lines(), self._verifier)
+        with locked(self.path, self.lock_path, fcntl.LOCK_SH):
+            found = walk(self.path, read_lines(self.path), self._verifier)
         return [f"{f.ledger}:{f.line}: {f.message}" for f in found.errors]
 
     # ------------------------------------------------------------------ writing
     @contextlib.contextmanager
     def transaction(self, *, expect: tuple[int, str] | None = None) -> Iterator[Transaction]:
         """Exclusive access to a verified ledger; ``expect`` = ``(seq, hash)`` the coordinator last saw."""
-        with self._locked(fcntl.LOCK_EX):
+        with locked(self.path, self.lock_path, fcntl.LOCK_EX):
             yield Transaction(self, self._verified(expect))
 
     def reserve(self, **kwargs: Any) -> Reserve:
@@ -352,7 +286,7 @@ class PrivacyLedger:
 
     # ------------------------------------------------------------------ internals
     def _verified(self, expect: tuple[int, str] | None) -> list[Entry]:
-        found = walk(self.path, self._lines(), self._verifier)
+        found = walk(self.path, read_lines(self.path), self._verifier)
         if found.errors:
             shown = "; ".join(f"line {f.line}: {f.message}" for f in found.errors[:5])
             raise LedgerError(self.path, None, f"fails verification, refusing to use it: {shown}")
@@ -415,63 +349,15 @@ class PrivacyLedger:
                 signer=self.signer,
             )
 
-    @contextlib.contextmanager
-    def _locked(self, mode: int) -> Iterator[None]:
-        if not self.path.parent.is_dir():
-            raise LedgerError(
-                self.path,
-                None,
-                "the ledger's folder does not exist. Fix: create it or correct the ledger path "
-                "(starting a new, empty ledger would reset the site's privacy budget)",
-            )
-        if self.path.is_dir():
-            raise LedgerError(self.path, None, "is a folder, not a ledger file. Fix: restore the ledger file")
-        try:
-            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
-        except OSError as exc:
-            raise LedgerError(self.lock_path, None, f"cannot open the ledger lock ({exc.strerror})") from None
-        try:
-            fcntl.flock(fd, mode)
-            yield
-        finally:
-            os.close(fd)  # releases the lock
 
-    def _lines(self) -> list[tuple[int, str]]:
-        """``(line number, text)`` pairs; entry ``i`` is expected on line ``i + 1``."""
-        try:
-            data = self.path.read_bytes()
-        except FileNotFoundError:
-            return []
-        except OSError as exc:
-            raise LedgerError(self.path, None, f"cannot read the ledger ({exc.strerror})") from None
-        try:
-            lines = data.decode("utf-8").split("\n")
-        except UnicodeDecodeError as exc:
-            raise LedgerError(
-                self.path,
-                None,
-                f"is not a text ledger (byte {exc.start} is not UTF-8). Fix: restore it from backup",
-            ) from None
-        if lines[-1] == "":
-            lines.pop()
-        return list(enumerate(lines, start=1))
-
-    def _write_line(self, line: str) -> None:
-        created = not self.path.exists()
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-        try:
-            view = memoryview((line + "\n").encode("ascii"))
-            while view:  # one call normally writes it all; loop in case of a short write
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        if created:  # make the new file's directory entry durable too
-            dir_fd = os.open(self.path.parent, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
+def _order_problem(state: LedgerState, run_id: str, rnd: int) -> str:
+    """Why round ``rnd`` of ``run_id`` may not be reserved now ('' when it may): the checker's order rule."""
+    if state.committed(run_id, rnd):
+        return f"run {run_id!r} already trained round {rnd}; a round is never trained twice"
+    top = state.highest_round(run_id)
+    if top is not None and rnd < top:
+        return f"round {rnd} of run {run_id} was requested after its round {top}: rounds only go forward"
+    return ""
 
 
 def _finite(value: object) -> bool:

@@ -51,6 +51,7 @@ class LedgerError(FedtuneError):
         self.path = path
         self.line = line
         super().__init__(f"{path}:{line}: {problem}" if line is not None else f"{path}: {problem}")
+        self._init = ((path, line, problem), {})
 
 
 @dataclass(frozen=True)

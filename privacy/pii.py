@@ -29,7 +29,6 @@ from privacy.pii_patterns import (
     YEAR,
 )
 from privacy.pii_spans import Detection, keep_result, merge_overlaps, placeholder, propagate_names, pseudonym
-from privacy.pii_spans import merge_overlaps as _merge_overlaps  # noqa: F401 -- kept for callers
 
 # Must be set before Presidio is imported: no network access, ever (see the stack notes).
 os.environ.setdefault("TLDEXTRACT_PUBLIC_SUFFIX_LIST_URLS", "")
@@ -262,7 +261,7 @@ class Scrubber:
 
         if workers <= 1 or len(groups) < 2 * workers:
             return self._scrub_groups(groups)
-        return scrub_in_workers(self.config, groups, workers)
+        return scrub_in_workers(self._scrub_groups, groups, workers)
 
     def scrub_texts(self, texts: Sequence[str], *, workers: int = 1) -> tuple[list[str], ScrubReport]:
         """Scrub independent texts (batched through spaCy's ``nlp.pipe``).

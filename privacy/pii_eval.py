@@ -1,4 +1,4 @@
-"""Score a PII detector on the labelled synthetic set (:mod:`common.synthpii`).
+"""Score a PII detector on labelled texts (the embedded set: :mod:`embedded.synthpii`).
 
 A planted value counts as caught when every letter and digit of it lies inside some
 detected span, whatever type the detector gave it (a mistyped span still removes the
@@ -11,8 +11,31 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from common.synthpii import LabelledText, Span
 from privacy.pii import Scrubber
+
+
+@dataclass(frozen=True)
+class Span:
+    """``text[start:end]`` is a value of ``label`` (an entity type, or ``"TERM"``)."""
+
+    start: int
+    end: int
+    label: str
+
+
+@dataclass(frozen=True)
+class LabelledText:
+    """One synthetic text with its planted identifiers and the domain terms to keep."""
+
+    domain: str
+    text: str
+    pii: tuple[Span, ...]
+    terms: tuple[Span, ...]
+
+    def value(self, span: Span) -> str:
+        """The labelled substring."""
+        return self.text[span.start : span.end]
+
 
 STRUCTURED = frozenset(
     {

@@ -9,34 +9,29 @@ from __future__ import annotations
 
 import multiprocessing
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from privacy.pii import ScrubConfig
 
 Groups = Sequence[Sequence[str]]
 
 
-_FORKED: list[ScrubConfig] = []  # the config of the running pool: inherited by fork, never pickled
+Scrub = Callable[[Groups], tuple[list[list[str]], list[Counter[str]]]]
+_FORKED: list[Scrub] = []  # the running pool's scrub function: inherited by fork, never pickled
 
 
 def _scrub_chunk(groups: Groups) -> tuple[list[list[str]], list[Counter[str]]]:
-    from privacy.pii import get_scrubber
-
-    return get_scrubber(_FORKED[-1])._scrub_groups(groups)
+    return _FORKED[-1](groups)
 
 
 def scrub_in_workers(
-    config: ScrubConfig, groups: Groups, workers: int
+    scrub: Scrub, groups: Groups, workers: int
 ) -> tuple[list[list[str]], list[Counter[str]]]:
-    """Scrub ``groups`` with ``workers`` forked processes; output order equals input order.
+    """Run ``scrub`` over ``groups`` in ``workers`` forked processes; output order equals input order.
 
     Parameters
     ----------
-    config
-        The scrub settings (the parent's scrubber for it is inherited by each worker).
+    scrub
+        The scrubber's group function, its engines already loaded (each worker inherits them).
     groups
         One group of texts per record.
     workers
@@ -48,17 +43,14 @@ def scrub_in_workers(
     tuple[list[list[str]], list[Counter[str]]]
         Scrubbed groups and per-group entity counts, in input order.
     """
-    from privacy.pii import get_scrubber
-
-    scrubber = get_scrubber(config)  # loaded before forking: workers inherit it
     if "fork" not in multiprocessing.get_all_start_methods():
-        return scrubber._scrub_groups(groups)
+        return scrub(groups)
     size = max(1, -(-len(groups) // (workers * 4)))
     chunks = [groups[i : i + size] for i in range(0, len(groups), size)]
     out: list[list[str]] = []
     counts: list[Counter[str]] = []
     context = multiprocessing.get_context("fork")
-    _FORKED.append(config)
+    _FORKED.append(scrub)
     try:
         with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
             for chunk_out, chunk_counts in pool.map(_scrub_chunk, chunks):

@@ -12,7 +12,6 @@ from __future__ import annotations
 import base64
 import html
 import io
-import json
 import math
 import platform
 from collections.abc import Mapping
@@ -27,7 +26,8 @@ from matplotlib.ticker import MaxNLocator
 
 from common.errors import FedtuneError
 from common.fsutil import file_sha256
-from privacy.audit import RECEIPTS_NAME, verify_ledgers
+from common.runfolder import RunFolder
+from privacy.audit import LedgerAudit, verify_ledgers
 
 __all__ = ["SOFTWARE", "build_report", "guarantee_text", "write_html"]
 
@@ -66,24 +66,58 @@ def guarantee_text(max_epsilon: float, delta: float) -> str:
     )
 
 
-def _load_run(run_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    summary_path, metrics_path = run_dir / "summary.json", run_dir / "metrics.jsonl"
+def _load_run(run: RunFolder) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     try:
-        summary = json.loads(summary_path.read_text(encoding="utf-8"))
-        lines = metrics_path.read_text(encoding="utf-8").splitlines() if metrics_path.is_file() else []
-        metrics = [json.loads(line) for line in lines if line.strip()]
+        return run.read_summary(), run.read_metrics()
     except FileNotFoundError as exc:
         raise FedtuneError(
             f"{exc.filename}: not found. Fix: pass the folder written by `fedtune simulate` (or the "
             "coordinator's out-dir), which holds summary.json, metrics.jsonl and ledgers/"
         ) from None
     except ValueError as exc:
-        raise FedtuneError(f"{run_dir}: unreadable run record ({exc}). Fix: restore it from backup") from exc
-    return summary, metrics
+        raise FedtuneError(f"{run.root}: unreadable run record ({exc}). Fix: restore it from backup") from exc
+
+
+def _headline(audits: Mapping[str, LedgerAudit]) -> tuple[str, dict[str, Any]]:
+    """The guarantee statement, from the verified ledgers alone (never from the coordinator's summary)."""
+    budgets: dict[str, Any] = {}
+    for name, audit in audits.items():
+        reserves = [e for e in audit.entries if e.parameters]
+        last = reserves[-1].parameters if reserves else {}
+        budgets[name] = {
+            "epsilon": audit.epsilon,
+            "epsilon_recomputed": reserves[-1].epsilon_recomputed if reserves else None,
+            "delta": last.get("delta"),
+            "max_epsilon": last.get("max_epsilon"),
+            "private": all(e.private for e in audit.entries),
+            "verified": audit.ok,
+        }
+    if not audits:
+        return "No site ledger was found in ledgers/: no privacy guarantee can be stated.", budgets
+    if not all(b["verified"] for b in budgets.values()):
+        failed = ", ".join(n for n, b in budgets.items() if not b["verified"])
+        if not all(b["private"] for b in budgets.values()):
+            return (
+                f"NOT PRIVATE: the ledger of {failed} records rounds with seeded noise or without "
+                "differential privacy; no epsilon guarantee holds for them. See the findings below.",
+                budgets,
+            )
+        return (
+            f"LEDGER VERIFICATION FAILED for {failed}: no privacy guarantee is stated until every ledger "
+            "verifies. See the findings below.",
+            budgets,
+        )
+    eps = [b["epsilon"] for b in budgets.values() if isinstance(b["epsilon"], float)]
+    deltas = [b["delta"] for b in budgets.values() if isinstance(b["delta"], float)]
+    return guarantee_text(max(eps, default=0.0), max(deltas, default=0.0)), budgets
 
 
 def build_report(run_dir: Path, *, pubkeys: Mapping[str, Path] | Path | None = None) -> dict[str, Any]:
     """Collect the evidence of one run folder into a JSON-ready dict.
+
+    The headline -- each site's epsilon, budget, delta and the guarantee text -- comes from the
+    verified ledgers, never from the coordinator's ``summary.json`` (which supplies the losses, scrub
+    counts and what the coordinator saw).
 
     Parameters
     ----------
@@ -98,16 +132,22 @@ def build_report(run_dir: Path, *, pubkeys: Mapping[str, Path] | Path | None = N
     FedtuneError
         ``run_dir`` is not a run folder, or a public key cannot be loaded.
     """
-    run_dir = Path(run_dir)
-    summary, metrics = _load_run(run_dir)
-    if pubkeys is None and (run_dir / "keys").is_dir():  # public keys as the sites handed them over
-        pubkeys = {p.name.removesuffix(".pub"): p for p in sorted((run_dir / "keys").glob("*.pub"))}
-    receipts = run_dir if (run_dir / RECEIPTS_NAME).is_file() else None
-    audit = verify_ledgers(sorted((run_dir / "ledgers").glob("*.jsonl")), pubkeys=pubkeys, receipts=receipts)
+    run = RunFolder(Path(run_dir))
+    summary, metrics = _load_run(run)
+    if pubkeys is None and run.keys.is_dir():  # public keys as the sites handed them over
+        pubkeys = run.public_keys()
+    receipts = run.receipts if run.receipts.is_file() else None
+    audit = verify_ledgers(run.collected_ledgers(), pubkeys=pubkeys, receipts=receipts)
     ledgers = {a.site: a for a in audit.ledgers}
+    guarantee, budgets = _headline(ledgers)
     sites: dict[str, Any] = {}
-    for name, s in summary.get("sites", {}).items():
-        site = {k: s.get(k) for k in ("epsilon", "epsilon_rdp", "delta", "max_epsilon", "rounds_trained")}
+    for name in sorted(set(summary.get("sites", {})) | set(ledgers)):
+        s = summary.get("sites", {}).get(name, {})
+        b = budgets.get(name, {})
+        eps = b.get("epsilon")
+        site: dict[str, Any] = {"epsilon": eps if eps is None or math.isfinite(eps) else "unbounded"}
+        site |= {k: b.get(k) for k in ("epsilon_recomputed", "delta", "max_epsilon", "private")}
+        site |= {"rounds_trained": s.get("rounds_trained"), "epsilon_rdp": s.get("epsilon_rdp")}
         site |= {k: s.get(k) for k in ("eval_loss_before", "eval_loss_after")}
         site |= {"scrub": dict(s.get("scrub", {})), "refusals": s.get("refusals", [])}
         site |= {"failures": s.get("failures", []), "epsilon_before_run": 0.0, "rounds": []}
@@ -120,6 +160,7 @@ def build_report(run_dir: Path, *, pubkeys: Mapping[str, Path] | Path | None = N
             if la and la.key_fingerprint
             else "not checked",
             "receipts_checked": la.receipts_checked if la else 0,
+            "head": la.head if la else None,
             "findings": [str(f) for f in la.findings] if la else [f"no ledger for site {name} in ledgers/"],
         }
         for e in la.entries if la else []:
@@ -141,16 +182,13 @@ def build_report(run_dir: Path, *, pubkeys: Mapping[str, Path] | Path | None = N
             curve["round"].append(line.get("round"))
             curve["train_loss"].append(m.get("train-loss"))
             curve["eval_loss"].append(m.get("eval-loss"))
-    adapter = run_dir / "adapter"
-    files = sorted(p for p in adapter.rglob("*") if p.is_file()) if adapter.is_dir() else []
-    epsilons = [s["epsilon"] for s in sites.values() if isinstance(s.get("epsilon"), int | float)]
-    deltas = [s["delta"] for s in sites.values() if isinstance(s.get("delta"), int | float)]
+    files = sorted(p for p in run.adapter.rglob("*") if p.is_file()) if run.adapter.is_dir() else []
     return {
         "run_id": summary.get("run_id"),
-        "run_dir": str(run_dir.resolve()),
+        "run_dir": str(run.root.resolve()),
         "generated_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "rounds": summary.get("rounds"),
-        "guarantee": guarantee_text(max(epsilons, default=0.0), max(deltas, default=0.0)),
+        "guarantee": guarantee,
         "sites": sites,
         "loss": loss,
         "verification": {
@@ -161,7 +199,7 @@ def build_report(run_dir: Path, *, pubkeys: Mapping[str, Path] | Path | None = N
         "software": _versions(),
         "fingerprints": {
             "base_model": summary.get("base_model", {}),
-            "adapter": {str(p.relative_to(adapter)): file_sha256(p) for p in files},
+            "adapter": {str(p.relative_to(run.adapter)): file_sha256(p) for p in files},
         },
     }
 
@@ -243,9 +281,9 @@ _MECHANISM: tuple[str, ...] = (
     "accountant",
 )
 _MECHANISM += ("epsilon", "epsilon_recomputed", "epsilon_rdp", "max_epsilon")
-_BUDGET = ("rounds_trained", "epsilon", "epsilon_rdp", "delta", "max_epsilon")
+_BUDGET = ("rounds_trained", "epsilon", "epsilon_recomputed", "delta", "max_epsilon", "private")
 _HEADERS = {"max_grad_norm": "clip norm", "max_epsilon": "budget", "epsilon": "epsilon (PRV)"}
-_HEADERS |= {"epsilon_rdp": "epsilon (RDP)", "epsilon_recomputed": "epsilon recomputed"}
+_HEADERS |= {"epsilon_rdp": "epsilon (RDP)", "epsilon_recomputed": "epsilon recomputed", "private": "private"}
 _HEADERS |= {
     "rounds_trained": "rounds trained",
     "noise_multiplier": "noise mult.",

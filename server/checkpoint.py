@@ -31,6 +31,7 @@ from safetensors.numpy import save as st_save
 
 from common.errors import FedtuneError
 from common.fsutil import atomic_write_bytes, file_sha256
+from common.runfolder import RunFolder
 
 log = logging.getLogger(__name__)
 FORMAT = 1
@@ -84,7 +85,7 @@ def _digest(obj: dict[str, Any]) -> str:
 
 def save_checkpoint(run_dir: Path, state: CoordinatorState) -> Path:
     """Write the checkpoint of ``state.server_round`` atomically; keep the newest two."""
-    root = run_dir / "checkpoints"
+    root = RunFolder(run_dir).checkpoints
     final = root / f"round-{state.server_round:04d}"
     tmp = root / f".round-{state.server_round:04d}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -122,7 +123,7 @@ def save_checkpoint(run_dir: Path, state: CoordinatorState) -> Path:
 
 def checkpoints(run_dir: Path) -> list[Path]:
     """Complete checkpoint folders of a run, oldest first."""
-    root = run_dir / "checkpoints"
+    root = RunFolder(run_dir).checkpoints
     if not root.is_dir():
         return []
     return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("round-"))

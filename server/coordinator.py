@@ -7,9 +7,7 @@ replies, evaluate the new global adapter at every site, append one line to
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import time
 import uuid
 from collections.abc import Callable, Mapping
@@ -17,14 +15,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message
+from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp import Grid
 from flwr.supercore.privacy_accounting import GaussianPrivacyEvent
 
 from common.arrays import payload_bytes, spec_of, to_record
 from common.config import RunConfig, TrainRequest
 from common.errors import ConfigError
-from common.fsutil import atomic_write_text
 from common.modeling import (
     adapter_state,
     check_model_dir,
@@ -32,6 +29,7 @@ from common.modeling import (
     make_peft_model,
     model_fingerprint,
 )
+from common.runfolder import RunFolder
 from privacy.receipts import receipt_line
 from server.checkpoint import (
     CheckpointError,
@@ -43,10 +41,10 @@ from server.checkpoint import (
     restore_rng,
     save_checkpoint,
 )
-from server.export import write_adapter, write_summary
+from server.export import write_adapter
 from server.registry import FEDERATION_NAME, SiteRegistry, load_site_keys
 from server.replies import SiteReply
-from server.secagg import check_secagg, secagg_train_round
+from server.rounds import make_round
 from server.strategy import Guard, SiteLevelDP, UpdateRules, build_strategy
 
 log = logging.getLogger(__name__)
@@ -74,13 +72,6 @@ def _site_rows(train: list[SiteReply], evaluate: list[SiteReply]) -> dict[str, d
     return rows
 
 
-def check_run_config(cfg: RunConfig) -> None:
-    """Cross-field rules of a run config, checked before any model, site or Ray starts."""
-    _site_dp(cfg)
-    if cfg.secagg:
-        check_secagg(cfg)
-
-
 def federation_file(cfg: RunConfig) -> Path:
     """Where the federation's record of sites lives (kept across runs)."""
     root = Path(cfg.federation_dir) if cfg.federation_dir else Path(cfg.out_dir).resolve().parent
@@ -91,10 +82,10 @@ def run_federation(
     grid: Grid, run_config: Mapping[str, Any], on_round: RoundCallback | None = None
 ) -> dict[str, Any]:
     """Run (or, with ``resume``, continue) a federation and write the run folder; return the summary."""
-    cfg = RunConfig.from_flower(run_config)
-    check_run_config(cfg)
+    cfg = RunConfig.from_flower(run_config)  # every key and cross-key rule, before anything starts
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    run = RunFolder(out)
     fingerprint = model_fingerprint(check_model_dir(cfg.model_dir, "model-dir"))
     initial, base_bytes = initial_adapter(cfg)
     state = _start(cfg, dict(run_config), out, initial)
@@ -102,69 +93,52 @@ def run_federation(
     update_keys = cfg.lora.update_keys(state.arrays)
     template = {k: v for k, v in spec_of(state.arrays).items() if k in update_keys}
     site_dp = _site_dp(cfg)
-    sites_expected = max(cfg.min_train_sites, len(list(grid.get_node_ids())))
+    sites_expected = max(cfg.aggregation.min_train_sites, len(list(grid.get_node_ids())))
     inner, dp_wrapper = build_strategy(
-        min_sites=cfg.min_train_sites,
-        fraction_train=cfg.fraction_train,
+        min_sites=cfg.aggregation.min_train_sites,
+        fraction_train=cfg.aggregation.fraction_train,
         sites_expected=sites_expected,
         site_dp=site_dp,
-        aggregation=cfg.aggregation,
-        trim_beta=cfg.trim_beta,
+        aggregation=cfg.aggregation.method,
+        trim_beta=cfg.aggregation.trim_beta,
     )
     rules = UpdateRules(
-        template, state.run_id, cfg.max_update_norm, cfg.update_norm_ratio,
-        weighting=cfg.weighting, max_weight_share=cfg.max_weight_share,
+        template, state.run_id, cfg.aggregation.max_update_norm, cfg.aggregation.update_norm_ratio,
+        weighting=cfg.aggregation.weighting, max_weight_share=cfg.aggregation.max_weight_share,
     )  # fmt: skip
     strategy = Guard(inner, rules, registry, equal_weights=site_dp is not None)
+    train_round = make_round(grid, strategy, cfg)
     if dp_wrapper is not None and dp_wrapper.accountant is not None and state.site_dp_releases:
-        event = GaussianPrivacyEvent(cfg.site_dp_noise, sites_expected, sites_expected)
+        event = GaussianPrivacyEvent(cfg.site_dp.noise, sites_expected, sites_expected)
         dp_wrapper.accountant.compose(event, count=state.site_dp_releases)
     stop_reason = ""
     t0 = time.time() - state.elapsed
     for rnd in range(state.server_round + 1, cfg.num_server_rounds + 1):
-        connected = _wait_for_sites(grid, cfg.min_train_sites, cfg.round_timeout)
-        if connected < cfg.min_train_sites:
+        connected = _wait_for_sites(grid, cfg.aggregation.min_train_sites, cfg.round_timeout)
+        if connected < cfg.aggregation.min_train_sites:
             stop_reason = (
                 f"round {rnd}: only {connected} site(s) connected within round-timeout="
-                f"{cfg.round_timeout:g}s, min-train-sites is {cfg.min_train_sites}"
+                f"{cfg.round_timeout:g}s, min-train-sites is {cfg.aggregation.min_train_sites}"
             )
             break
         req = TrainRequest.build(cfg, server_round=rnd, run_id=state.run_id, fingerprint=fingerprint)
         arrays, request = state.arrays, ConfigRecord(req.to_record())
-        messages = list(strategy.configure_train(rnd, arrays, request, grid))
-        down = payload_bytes(arrays) * len(messages)
-        new_arrays: ArrayRecord | None = None
-        if cfg.secagg:  # Flower's SecAgg+: only the weighted sum of the updates is seen (server/secagg.py)
-            nodes = [m.metadata.dst_node_id for m in messages]
-            new_arrays, train_infos = secagg_train_round(
-                grid, cfg, rnd, arrays, request, nodes, names=state.names
-            )
-            for r in train_infos:
-                strategy.admit_row(r)
-            n_accepted = sum(r.status == "trained" for r in train_infos) if new_arrays is not None else 0
-        else:
-            replies = list(grid.send_and_receive(messages, timeout=cfg.round_timeout))
-            new_arrays = strategy.aggregate_train(rnd, replies)[0]
-            train_infos = [*strategy.rows, *_missing(rnd, messages, replies, state.names, cfg.round_timeout)]
-            n_accepted = sum(r.status == "trained" for r in train_infos) if not strategy.failure else 0
+        result = train_round(rnd, arrays, request)
+        train_infos, new_arrays, down = result.rows, result.arrays, result.bytes_down
         for r in train_infos:
             merge_site(state.sites, r, rnd)
-        _append_receipts(out / "receipts.jsonl", train_infos)
+        answered = [r for r in train_infos if r.status in ("trained", "refused") and r.receipt]
+        run.append_receipts(receipt_line(r.site, r.receipt) for r in answered)  # the auditor's cross-check
         registry.save()
         up = sum(r.bytes_up for r in train_infos)
         state.totals["bytes_up"] += up
-        if strategy.failure or n_accepted < cfg.min_train_sites:
-            stop_reason = (
-                f"round {rnd}: {strategy.failure}"
-                if strategy.failure
-                else (
-                    f"round {rnd}: {n_accepted} update(s) accepted, fewer than min-train-sites="
-                    f"{cfg.min_train_sites}"
-                )
-            )
+        if result.failure or result.accepted < cfg.aggregation.min_train_sites:
+            need = cfg.aggregation.min_train_sites
+            too_few = f"{result.accepted} update(s) accepted, fewer than min-train-sites={need}"
+            stop_reason = f"round {rnd}: {result.failure or too_few}"
             stop_reason += f"; the global adapter stays at round {state.adapter_round}"
             state.totals["bytes_down"] += down
-            _append_metrics(out, _round_line(rnd, t0, down, up, False, train_infos, [], stop_reason))
+            run.append_metrics(_round_line(rnd, t0, down, up, False, train_infos, [], stop_reason))
             _checkpoint(out, state, rnd, t0, dp_wrapper)  # round numbers once sent are never reused
             break
         if new_arrays is not None:  # under FFA-LoRA only B is averaged; A stays the shared init
@@ -178,7 +152,7 @@ def run_federation(
             if "eval-loss" in r.metrics:
                 state.sites.setdefault(r.site, {})["eval_loss_after"] = r.metrics["eval-loss"]
         line = _round_line(rnd, t0, down, up, new_arrays is not None, train_infos, eval_infos)
-        _append_metrics(out, line)
+        run.append_metrics(line)
         state.arrays, state.adapter_round = arrays, rnd
         _checkpoint(out, state, rnd, t0, dp_wrapper)
         log.info(
@@ -189,7 +163,7 @@ def run_federation(
         )
         if on_round is not None:
             on_round(line)
-        if strategy.failure:
+        if strategy.failure:  # the evaluation's aggregation failed
             stop_reason = f"round {rnd}: {strategy.failure}"
             break
     if stop_reason:
@@ -199,7 +173,7 @@ def run_federation(
             stop_reason,
             state.server_round,
         )
-    write_adapter(cfg, state.arrays, out / "adapter")
+    write_adapter(cfg, state.arrays, run.adapter)
     summary = {
         "run_id": state.run_id,
         "rounds": state.server_round,
@@ -219,7 +193,7 @@ def run_federation(
         "site_level_dp": _site_dp_summary(site_dp, dp_wrapper),
         "wall_seconds": round(time.time() - t0, 1),
     }
-    write_summary(out / "summary.json", summary)
+    run.write_summary(summary)
     return summary
 
 
@@ -234,7 +208,7 @@ def _start(cfg: RunConfig, run_config: dict[str, Any], out: Path, initial: Array
                     "or choose a new out-dir"
                 ],
             )
-        (out / "metrics.jsonl").write_text("", encoding="utf-8")
+        RunFolder(out).write_metrics([])
         totals = {"bytes_down": 0, "bytes_up": 0}
         return CoordinatorState(uuid.uuid4().hex[:12], 0, initial, run_config, totals=totals)
     state = latest_checkpoint(out)
@@ -244,8 +218,9 @@ def _start(cfg: RunConfig, run_config: dict[str, Any], out: Path, initial: Array
     if state.arrays.keys() != initial.keys():
         raise CheckpointError(f"{out}: the checkpointed adapter's tensors differ from this run's LoRA layout")
     restore_rng(state.rng)
-    (out / "summary.json").unlink(missing_ok=True)  # the run is in progress again
-    _keep_metrics_until(out / "metrics.jsonl", state.server_round)
+    run = RunFolder(out)
+    run.summary.unlink(missing_ok=True)  # the run is in progress again
+    run.write_metrics(line for line in run.read_metrics() if line.get("round", 0) <= state.server_round)
     log.warning(
         "resuming run %s after round %d of %d", state.run_id, state.server_round, cfg.num_server_rounds
     )
@@ -258,22 +233,6 @@ def _wait_for_sites(grid: Grid, wanted: int, timeout: float) -> int:
     while (n := len(list(grid.get_node_ids()))) < wanted and time.time() < deadline:
         time.sleep(1.0)
     return n
-
-
-def _missing(
-    rnd: int, sent: list[Message], got: list[Message], names: dict[str, str], timeout: float
-) -> list[SiteReply]:
-    """Sites that were asked and never answered (timed out or disconnected)."""
-    answered = {m.metadata.src_node_id for m in got}
-    rows = []
-    for m in sent:
-        node = m.metadata.dst_node_id
-        if node not in answered:
-            site = names.get(str(node), f"node-{node}")
-            reason = f"no reply within round-timeout={timeout:g}s (site down or too slow)"
-            log.warning("round %d: site %s failed: %s", rnd, site, reason)
-            rows.append(SiteReply(node, site, "failed", reason))
-    return rows
 
 
 def _round_line(
@@ -297,20 +256,6 @@ def _round_line(
     return line | ({"stopped": stopped} if stopped else {})
 
 
-def _append_metrics(out: Path, line: dict[str, Any]) -> None:
-    with open(out / "metrics.jsonl", "a", encoding="utf-8") as fh:
-        fh.write(json.dumps(line) + "\n")
-
-
-def _keep_metrics_until(path: Path, last_round: int) -> None:
-    """Drop metrics lines of rounds after the checkpoint (they are run again)."""
-    if not path.is_file():
-        return
-    lines = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
-    kept = [ln for ln in lines if json.loads(ln).get("round", 0) <= last_round]
-    atomic_write_text(path, "".join(ln + "\n" for ln in kept))
-
-
 def _checkpoint(out: Path, state: CoordinatorState, rnd: int, t0: float, dp_wrapper: Any) -> None:
     """Record that round ``rnd`` was asked of the sites, and everything needed to go on after it."""
     spent = dp_wrapper.privacy_spent() if dp_wrapper is not None else None
@@ -323,17 +268,8 @@ def _checkpoint(out: Path, state: CoordinatorState, rnd: int, t0: float, dp_wrap
 
 def _site_dp(cfg: RunConfig) -> SiteLevelDP | None:
     """The site-level DP settings of a run (None when off)."""
-    if cfg.site_dp_noise <= 0:
-        return None
-    if cfg.ffa_lora:
-        raise ConfigError(
-            "run config",
-            [
-                "'site-dp-noise' > 0 cannot be combined with 'ffa-lora' = true yet: Flower's clipping "
-                "wrapper clips whole adapters; set one of them off"
-            ],
-        )
-    return SiteLevelDP(cfg.site_dp_noise, cfg.site_dp_clip, cfg.site_dp_delta)
+    sd = cfg.site_dp
+    return SiteLevelDP(sd.noise, sd.clip, sd.delta) if sd.noise > 0 else None
 
 
 def _site_dp_summary(site_dp: SiteLevelDP | None, wrapper: Any) -> dict[str, Any] | None:
@@ -349,16 +285,6 @@ def _site_dp_summary(site_dp: SiteLevelDP | None, wrapper: Any) -> dict[str, Any
         "releases": spent.num_releases if spent else 0,
         "accountant": "flwr RdpAccountant (no amplification, add/remove one site)",
     }
-
-
-def _append_receipts(path: Path, replies: list[SiteReply]) -> None:
-    """Keep the signed ledger entry of every accepted answer, trained or refused (the auditor's check)."""
-    with open(path, "a", encoding="utf-8") as fh:
-        for r in replies:
-            if r.status in ("trained", "refused") and r.receipt:
-                fh.write(receipt_line(r.site, r.receipt) + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
 
 
 def merge_site(sites: dict[str, dict[str, Any]], r: SiteReply, rnd: int) -> None:

@@ -1,18 +1,15 @@
-"""Write the run's results: a standard PEFT adapter folder and ``summary.json``."""
+"""Write the run's adapter as a standard PEFT adapter folder."""
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any
 
 from flwr.app import ArrayRecord
 
 from common.arrays import to_state
 from common.config import RunConfig
-from common.fsutil import atomic_write_text
 from common.modeling import load_adapter_state, load_base_model, make_peft_model
 
 
@@ -30,8 +27,3 @@ def write_adapter(cfg: RunConfig, arrays: ArrayRecord, out: Path) -> Path:
         shutil.rmtree(out)
     os.replace(tmp, out)
     return out
-
-
-def write_summary(path: Path, summary: dict[str, Any]) -> None:
-    """Atomically write the run summary as pretty JSON."""
-    atomic_write_text(path, json.dumps(summary, indent=2) + "\n")

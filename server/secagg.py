@@ -31,51 +31,29 @@ from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
-from common.config import RunConfig
+from common.config import MODULUS, RunConfig
 from common.errors import ConfigError
 from server.replies import SiteReply, parse_train
 
 log = logging.getLogger(__name__)
 SECAGG_KEYS = "secagg-keys"  # fitins config: global tensor names in Parameters order (client_app.py)
 MAX_WEIGHT = 1000.0  # Flower's default: weights (num-examples) are scaled by 1/MAX_WEIGHT before masking
-MODULUS = 2**32  # Flower's default mask modulus
 
 
-def check_secagg(cfg: RunConfig, num_sites: int | None = None) -> None:
-    """Raise ``ConfigError`` naming every run-config key that cannot work with ``secagg``."""
+def check_secagg(cfg: RunConfig, num_sites: int) -> None:
+    """Raise ``ConfigError`` when SecAgg+ cannot work with ``num_sites`` (the rest: ``RunConfig``)."""
+    sa = cfg.secagg
     problems = []
-    if cfg.aggregation != "fedavg":
+    if num_sites < sa.threshold:
         problems.append(
-            f"'secagg' = true needs 'aggregation' = 'fedavg' (got {cfg.aggregation!r}): robust "
-            "aggregators need the individual updates that SecAgg+ hides"
+            f"{num_sites} site(s) take part but 'secagg-threshold' is {sa.threshold}: lower the threshold "
+            "or add sites"
         )
-    if cfg.site_dp_noise > 0:
+    if num_sites * sa.quantization >= MODULUS:
         problems.append(
-            "'secagg' = true cannot be combined with 'site-dp-noise' > 0: Flower's server-side "
-            "clipping needs each site's update; set one of them off"
+            f"{num_sites} sites x 'secagg-quantization' {sa.quantization} overflow the 2**32 mask modulus: "
+            "lower 'secagg-quantization'"
         )
-    if cfg.secagg_shares < 3:
-        problems.append(f"'secagg-shares' must be >= 3 under SecAgg+ (got {cfg.secagg_shares})")
-    if cfg.secagg_threshold >= cfg.secagg_shares:
-        problems.append(
-            f"'secagg-threshold' ({cfg.secagg_threshold}) must be below 'secagg-shares' "
-            f"({cfg.secagg_shares}): a secret is rebuilt from threshold of its shares"
-        )
-    if cfg.secagg_quantization >= MODULUS:
-        problems.append(
-            f"'secagg-quantization' must be below 2**32, the mask modulus (got {cfg.secagg_quantization})"
-        )
-    if num_sites is not None:
-        if num_sites < cfg.secagg_threshold:
-            problems.append(
-                f"{num_sites} site(s) take part but 'secagg-threshold' is {cfg.secagg_threshold}: "
-                "lower the threshold or add sites"
-            )
-        if num_sites * cfg.secagg_quantization >= MODULUS:
-            problems.append(
-                f"{num_sites} sites x 'secagg-quantization' {cfg.secagg_quantization} overflow the "
-                "2**32 mask modulus: lower 'secagg-quantization'"
-            )
     if problems:
         raise ConfigError("run config", problems)
 
@@ -222,7 +200,7 @@ def secagg_train_round(
     """
     nodes = list(node_ids)
     check_secagg(cfg, len(nodes))
-    if server_round == 1 and (cfg.max_update_norm > 0 or cfg.update_norm_ratio > 0):
+    if server_round == 1 and (cfg.aggregation.max_update_norm > 0 or cfg.aggregation.update_norm_ratio > 0):
         log.info(
             "SecAgg+: per-update checks (max-update-norm, update-norm-ratio, receipts) need the "
             "individual updates and are not applied; each update is clipped at its site instead"
@@ -236,11 +214,11 @@ def secagg_train_round(
     ctx.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord({WorkflowKey.CURRENT_ROUND: server_round})
     ctx.state.array_records[MAIN_PARAMS_RECORD] = arrays
     workflow = SecAggPlusWorkflow(
-        cfg.secagg_shares,
-        cfg.secagg_threshold,
+        cfg.secagg.shares,
+        cfg.secagg.threshold,
         max_weight=max_weight,
-        clipping_range=cfg.secagg_clip_range,
-        quantization_range=cfg.secagg_quantization,
+        clipping_range=cfg.secagg.clip_range,
+        quantization_range=cfg.secagg.quantization,
         modulus_range=MODULUS,
         timeout=cfg.round_timeout,
     )
@@ -325,10 +303,10 @@ def _new_global(
             server_round,
             max(weights),
             max_weight,
-            cfg.secagg_clip_range * max_weight / max(weights),
-            cfg.secagg_clip_range,
+            cfg.secagg.clip_range * max_weight / max(weights),
+            cfg.secagg.clip_range,
         )
-    if sum(round(w / max_weight * cfg.secagg_quantization) for w in weights) >= MODULUS:
+    if sum(round(w / max_weight * cfg.secagg.quantization) for w in weights) >= MODULUS:
         log.error(
             "round %d: the SecAgg+ weights overflowed the mask modulus; aggregate dropped", server_round
         )

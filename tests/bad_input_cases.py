@@ -62,7 +62,7 @@ def global_adapter(model: Path) -> ArrayRecord:
     with torch.random.fork_rng():
         torch.manual_seed(0)
         return to_record(
-            adapter_state(make_peft_model(load_base_model(model), LoraSpec(4, 8, ("q_proj", "v_proj"))))
+            adapter_state(make_peft_model(load_base_model(model), LoraSpec(4, 8, "q_proj,v_proj")))
         )
 
 

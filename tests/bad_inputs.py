@@ -153,7 +153,8 @@ def _nested_ledger(d: Path, model: Path) -> list[Path]:
 
 def _cut_reservation(d: Path, model: Path) -> list[Path]:
     agent, ledger = trained_ledger(d, model)
-    killed = mock.patch("client.site.train_dp", side_effect=RuntimeError("killed"))  # dies after reserving
+    # dies after reserving
+    killed = mock.patch.object(agent, "train_step", side_effect=RuntimeError("killed"))
     with killed, contextlib.suppress(RuntimeError):
         agent.train_round(global_adapter(model), request(model, **{"server-round": 2}))
     ledger.write_bytes(agent.policy.ledger_path.read_bytes())  # the auditor's copy ...

@@ -29,7 +29,7 @@ RECORDS_PER_SITE = 120
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The embedded tiny base model, built once."""
-    from common.tiny import build_tiny_model
+    from embedded.tiny import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("model") / "tiny")
 
@@ -37,7 +37,7 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def site_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Synthetic PII-laden notes for three sites (one JSONL each + answer keys)."""
-    from common.synthdata import write_synthetic_sites
+    from embedded.synthdata import write_synthetic_sites
 
     out = tmp_path_factory.mktemp("data")
     write_synthetic_sites(out, sites=3, records_per_site=RECORDS_PER_SITE, seed=1)

@@ -26,7 +26,7 @@ flower_config() {
 import sys
 from pathlib import Path
 
-from common.provision import flower_config_toml
+from fedtune.provision import flower_config_toml
 
 sys.stdout.write(flower_config_toml("fedtune", sys.argv[1], Path(sys.argv[2])))
 PY

@@ -14,10 +14,10 @@ from flwr.supercore.task_identity import TaskIdentity
 from common.arrays import to_record
 from common.config import LoraSpec
 from common.modeling import adapter_state, load_base_model, make_peft_model
-from common.synthdata import generate_site_records
+from embedded.synthdata import generate_site_records
 from tests.client.hostile import Site
 
-LORA = LoraSpec(rank=4, alpha=8, targets=("q_proj", "v_proj"))
+LORA = LoraSpec(rank=4, alpha=8, targets="q_proj,v_proj")
 
 
 @pytest.fixture(autouse=True)

@@ -19,7 +19,7 @@ def test_rendered_policy_loads_and_resolves_paths(tmp_path: Path) -> None:
         )
     )
     pol = load_policy(p)
-    assert pol.name == "a" and pol.max_epsilon == 3.0 and pol.delta == 1e-6
+    assert pol.name == "a" and pol.privacy.max_epsilon == 3.0 and pol.privacy.delta == 1e-6
     assert pol.state_dir == p.parent / "state"
     assert pol.ledger_path == p.parent / "state" / "ledger.jsonl"
 

@@ -19,11 +19,11 @@ from common.arrays import to_record
 from common.config import LoraSpec, RunConfig, TrainRequest
 from common.errors import DataError
 from common.modeling import adapter_state, load_base_model, make_peft_model, model_fingerprint
-from common.synthdata import generate_site_records
+from embedded.synthdata import generate_site_records
 from privacy.accounting import MechanismStep, epsilon
 from privacy.ledger import PrivacyLedger
 
-LORA = LoraSpec(rank=4, alpha=8, targets=("q_proj", "v_proj"))
+LORA = LoraSpec(rank=4, alpha=8, targets="q_proj,v_proj")
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +74,7 @@ def test_reply_holds_lora_arrays_only(tmp_path: Path, tiny_model: Path, small_da
     assert sum(a.numpy().size for a in out.arrays.values()) == lora_params
     entries = PrivacyLedger(agent.policy.ledger_path).entries()
     assert [e.kind for e in entries] == ["reserve", "commit"]
-    assert 0 < out.metrics["epsilon"] <= agent.policy.max_epsilon
+    assert 0 < out.metrics["epsilon"] <= agent.policy.privacy.max_epsilon
 
 
 def test_noise_below_site_floor_is_refused_and_recorded(
@@ -138,7 +138,7 @@ RESTART_SCRIPT = textwrap.dedent("""
     from common.modeling import adapter_state, load_base_model, make_peft_model, model_fingerprint
     policy, model, rnd = sys.argv[1], sys.argv[2], int(sys.argv[3])
     torch.manual_seed(0)
-    lora = LoraSpec(4, 8, ("q_proj", "v_proj"))
+    lora = LoraSpec(4, 8, "q_proj,v_proj")
     arrays = to_record(adapter_state(make_peft_model(load_base_model(model), lora)))
     cfg = RunConfig.from_flower({"local-steps": 3, "batch-size": 6, "max-seq-len": 64, "lora-rank": 4,
                                  "lora-alpha": 8, "num-server-rounds": 3})
@@ -169,7 +169,7 @@ def test_epsilon_continues_across_process_restarts(
     assert first["epsilon"] == pytest.approx(epsilon([step], delta=1e-5), rel=1e-9)
     assert second["epsilon"] == pytest.approx(epsilon([step, step], delta=1e-5), rel=1e-9)
     assert second["epsilon"] > first["epsilon"] * 1.2
-    assert second["epsilon"] <= load_policy(policy).max_epsilon
+    assert second["epsilon"] <= load_policy(policy).privacy.max_epsilon
 
 
 CRASH_SCRIPT = RESTART_SCRIPT.replace(

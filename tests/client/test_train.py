@@ -48,7 +48,7 @@ def _lora_model() -> torch.nn.Module:
         num_key_value_heads=4,
         max_position_embeddings=64,
     )
-    model = make_peft_model(LlamaForCausalLM(cfg), LoraSpec(rank=4, alpha=8, targets=("q_proj", "v_proj")))
+    model = make_peft_model(LlamaForCausalLM(cfg), LoraSpec(rank=4, alpha=8, targets="q_proj,v_proj"))
     model.train()
     return model
 

@@ -1,14 +1,18 @@
-"""The run/node config module: defaults match pyproject, every problem reported at once."""
+"""Configuration declared once: parser, pyproject defaults, policy template and docs all derive from it."""
 
 from __future__ import annotations
 
+import dataclasses
 import tomllib
 from pathlib import Path
 
 import pytest
 
+from client.policy import SECTIONS, load_policy, render_policy
 from common.config import NodeConfig, RunConfig, TrainRequest, default_run_config
+from common.declare import defaults, flatten, markdown_table, option, parse, specs
 from common.errors import ConfigError
+from fedtune.config_docs import render
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -18,14 +22,77 @@ def test_defaults_match_pyproject() -> None:
     assert pyproject["tool"]["flwr"]["app"]["config"] == default_run_config()
 
 
+def test_the_configuration_page_is_what_the_declarations_say() -> None:
+    doc = (ROOT / "docs" / "configuration.md").read_text(encoding="utf-8")
+    assert doc == render(), (
+        "docs/configuration.md is stale: python -m fedtune.config_docs > docs/configuration.md"
+    )
+    for spec in specs(RunConfig):
+        assert f"| `{spec.key}` |" in doc
+    for cls in SECTIONS.values():
+        for spec in specs(cls):
+            assert f"| `{spec.key}` |" in doc
+
+
+def test_every_key_parses_its_default_and_names_itself_when_wrong() -> None:
+    for spec in specs(RunConfig):
+        assert (
+            flatten(parse(RunConfig, {spec.key: defaults(RunConfig)[spec.key]}, "t"))[spec.key]
+            == defaults(RunConfig)[spec.key]
+        )
+        with pytest.raises(ConfigError, match=f"'{spec.key}'"):
+            parse(RunConfig, {spec.key: object()}, "t")
+
+
+def test_the_policy_template_writes_every_key_and_loads_back(tmp_path: Path) -> None:
+    text = render_policy(name="a", data_path=tmp_path / "d.jsonl", model_path=tmp_path / "m")
+    for cls in SECTIONS.values():
+        for spec in specs(cls):
+            assert f"{spec.key} = " in text, spec.key  # optional keys without a default appear commented
+    (tmp_path / "p.toml").write_text(text)
+    pol = load_policy(tmp_path / "p.toml")
+    for name, cls in SECTIONS.items():
+        assert getattr(pol, name) == dataclasses.replace(cls(), **_required(name, tmp_path))
+
+
+def _required(section: str, tmp_path: Path) -> dict[str, str]:
+    return {
+        "site": {"name": "a"},
+        "data": {"path": str(tmp_path / "d.jsonl")},
+        "model": {"path": str(tmp_path / "m")},
+    }.get(section, {})
+
+
+def test_a_new_key_is_one_declaration() -> None:
+    """Declaring one field is all it takes: parser, defaults, flat record and docs table know it."""
+
+    @dataclasses.dataclass(frozen=True)
+    class WithWarmup(RunConfig):
+        warmup_steps: int = option(
+            "warmup-steps", 0, "steps before the first DP round", "an integer >= 0", lambda x: x >= 0
+        )
+
+    assert parse(WithWarmup, {"warmup-steps": 3}, "t").warmup_steps == 3
+    assert defaults(WithWarmup)["warmup-steps"] == 0 and "warmup-steps" in flatten(WithWarmup())
+    assert "| `warmup-steps` | `0` | an integer >= 0 |" in markdown_table(WithWarmup)
+    with pytest.raises(ConfigError, match="'warmup-steps' must be an integer >= 0, got -1"):
+        parse(WithWarmup, {"warmup-steps": -1}, "t")
+
+
 def test_all_problems_reported_at_once_with_key_and_fix() -> None:
     with pytest.raises(ConfigError) as err:
         RunConfig.from_flower({"num-server-round": 3, "batch-size": 0, "learning-rate": "fast"})
     msg = str(err.value)
     assert len(err.value.problems) == 3
     assert "did you mean 'num-server-rounds'" in msg
-    assert "'batch-size' must be an integer >= 1" in msg
+    assert "'batch-size' must be an integer in [1, 1000000]" in msg
     assert "'learning-rate' must be a number" in msg
+
+
+def test_cross_key_rules_are_checked_with_the_rest() -> None:
+    with pytest.raises(ConfigError) as err:
+        RunConfig.from_flower({"secagg": True, "aggregation": "krum", "site-dp-noise": 0.5, "ffa-lora": True})
+    assert len(err.value.problems) == 4  # ffa + site-dp, site-dp + robust, secagg + robust, secagg + site-dp
 
 
 def test_train_request_round_trips_through_a_config_record() -> None:
@@ -33,7 +100,8 @@ def test_train_request_round_trips_through_a_config_record() -> None:
     req = TrainRequest.build(cfg, server_round=2, run_id="abc", fingerprint="f" * 64)
     back = TrainRequest.from_record(req.to_record())
     assert back == req
-    assert back.lora.targets == ("q_proj", "v_proj")
+    assert back.lora.modules == ("q_proj", "v_proj") and back.train.local_steps == 7
+    assert set(req.to_record()) > {s.key for s in specs(type(cfg.lora))}  # the same declaration, both sides
 
 
 def test_train_request_missing_keys_are_named() -> None:

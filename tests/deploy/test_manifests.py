@@ -7,7 +7,7 @@ No image is built and nothing is scheduled here. Instead:
   out);
 - compose.yaml and the Kubernetes manifests are cross-checked against what ``fedtune deploy
   provision`` really writes (a federation is provisioned into a temporary folder), the ports of
-  ``common.provision`` and deploy/start-superlink.sh, and each other (selectors, ports, references);
+  ``fedtune.provision`` and deploy/start-superlink.sh, and each other (selectors, ports, references);
 - each container's mounts are laid out in a temporary folder exactly as compose / Kubernetes would
   mount them, and the image's entry point runs the real deploy/*.sh wrappers there, with stand-ins for
   ``flower-superlink``, ``flower-supernode`` and ``flwr`` that record their arguments: so the flags
@@ -36,8 +36,8 @@ import pytest
 import yaml
 
 from client.policy import load_policy
-from common.provision import DEFAULT_PORT
 from fedtune.deploy_cli import FEDERATION, provision_federation
+from fedtune.provision import DEFAULT_PORT
 
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"

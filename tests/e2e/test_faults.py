@@ -14,7 +14,7 @@ import pytest
 from safetensors.numpy import load_file
 from typer.testing import CliRunner
 
-from common.synthdata import write_synthetic_sites
+from embedded.synthdata import write_synthetic_sites
 from fedtune.cli import app
 from fedtune.simulate import resume, simulate
 from privacy.audit import verify_ledgers

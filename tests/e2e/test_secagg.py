@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from safetensors.numpy import load_file
 
-import server.coordinator
+import server.rounds
 from fedtune.simulate import simulate
 from server.secagg import MeteredGrid, secagg_train_round
 
@@ -35,7 +35,7 @@ def secagg_run(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, site_
         return new, rows
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(server.coordinator, "secagg_train_round", tapped)
+        mp.setattr(server.rounds, "secagg_train_round", tapped)
         results["summary"] = simulate(
             results["out"],
             sites=3,

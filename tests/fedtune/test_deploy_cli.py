@@ -15,8 +15,8 @@ from typer.testing import CliRunner
 
 from client.policy import load_policy
 from common.errors import ConfigError
-from common.provision import parse_hosts, parse_sites
 from fedtune.deploy_cli import deploy_app
+from fedtune.provision import parse_hosts, parse_sites
 from privacy.keys import load_signer, load_verifier
 
 SITES = ["hospital-a", "hospital-b"]
@@ -102,7 +102,7 @@ def test_site_policy_template_loads_and_signs(fed: Path) -> None:
         d = fed / "sites" / site
         policy = load_policy(d / "policy.toml")
         assert policy.name == site
-        assert policy.max_epsilon == 4.0 and not policy.allow_non_private
+        assert policy.privacy.max_epsilon == 4.0 and not policy.privacy.allow_non_private
         assert policy.signing_key == (d / "keys" / "ledger-signing-key.pem").resolve()
         assert policy.state_dir == (d / "state").resolve()
         assert policy.data_path.name == f"{site}.jsonl"

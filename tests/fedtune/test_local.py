@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from common.synthdata import generate_site_records
+from embedded.synthdata import generate_site_records
 from fedtune.local import run_local
 from fedtune.simulate import prepare_run
 

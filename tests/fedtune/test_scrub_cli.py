@@ -11,7 +11,7 @@ import typer
 from typer.testing import CliRunner
 
 from common.errors import DataError
-from common.synthpii import generate_labelled_texts
+from embedded.synthpii import generate_labelled_texts
 from fedtune.scrub_cli import scrub
 from privacy.pii_eval import STRUCTURED
 

@@ -6,6 +6,7 @@ import hashlib
 import hmac
 import json
 import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -217,19 +218,21 @@ def test_signature_extension_point(ledger: PrivacyLedger) -> None:
     assert any("entry is not signed" in p for p in signed.verify_chain())
 
 
-def _reserve_in_child(path: str, round: int) -> str:
+def _reserve_in_child(path: str, run: int) -> str:
     accounting._epsilon_cached.cache_clear()  # widen the read-decide-append window
     try:
-        _reserve(PrivacyLedger(Path(path)), round, max_epsilon=1.0)
+        _reserve(PrivacyLedger(Path(path)), 0, max_epsilon=1.0, run_id=f"run-{run}")
     except BudgetExceededError:
         return "refused"
     return "reserved"
 
 
 def test_concurrent_reservations_never_overspend(ledger: PrivacyLedger) -> None:
-    # forkserver, not fork: this process may hold Ray/gRPC threads (a forked child can inherit their locks)
-    with multiprocessing.get_context("forkserver").Pool(4) as pool:
-        outcomes = pool.starmap(_reserve_in_child, [(str(ledger.path), r) for r in range(4)])
+    # forkserver, not fork: this process may hold Ray/gRPC threads (a forked child can inherit their
+    # locks); an executor, not multiprocessing.Pool, whose terminate() can spin forever at exit
+    context = multiprocessing.get_context("forkserver")
+    with ProcessPoolExecutor(max_workers=4, mp_context=context) as pool:
+        outcomes = list(pool.map(_reserve_in_child, [str(ledger.path)] * 4, range(4)))
     assert sorted(outcomes) == ["refused", "refused", "reserved", "reserved"]  # 2 rounds fit in 1.0
     assert ledger.verify_chain() == []
     assert ledger.spent(delta=DELTA) <= 1.0

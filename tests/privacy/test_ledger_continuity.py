@@ -11,6 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from common.errors import PolicyViolationError
 from privacy.accounting import MechanismStep
 from privacy.audit import verify_ledgers
 from privacy.keys import generate_keypair, load_signing_key
@@ -169,3 +170,29 @@ def test_site_and_auditor_agree_on_every_ledger(
     if site_view:
         with pytest.raises(LedgerError):
             ledger.reserve(round=9, **KW)  # the site never writes to a ledger the auditor would fail
+
+
+def test_the_writer_never_writes_what_the_checker_rejects(tmp_path: Path) -> None:
+    """Regression: reserving round 1 after round 2 was written, and broke the ledger for good."""
+    ledger = _site(tmp_path)
+    ledger.reserve(round=2, **KW)
+    with pytest.raises(PolicyViolationError, match="rounds only go forward"):
+        ledger.reserve(round=1, **KW)
+    assert [e.kind for e in ledger.entries()] == ["reserve", "refuse"]
+    assert ledger.verify_chain() == [] and verify_ledgers([ledger.path]).ok
+
+
+def test_ledger_errors_cross_process_boundaries_intact() -> None:
+    """Regression: an error raised in a worker (pool, scrubber) could not be unpickled, hanging its parent."""
+    import pickle
+
+    from common.errors import BudgetExceededError, ConfigError, DataError
+
+    for error in (
+        LedgerError(Path("/l.jsonl"), 3, "corrupt"),
+        ConfigError("policy.toml", ["a", "b"]),
+        DataError("d.jsonl", 2, "bad", "fix it"),
+        BudgetExceededError(budget=1.0, spent=0.5, requested=2.0, delta=1e-5),
+    ):
+        copy = pickle.loads(pickle.dumps(error))
+        assert type(copy) is type(error) and str(copy) == str(error)

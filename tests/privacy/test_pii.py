@@ -11,8 +11,9 @@ from collections import Counter
 import pytest
 
 from common.errors import ConfigError, DataError
-from common.synthdata import SITE_PROFILES, PlantedPII, generate_site_records
-from privacy.pii import Scrubber, ScrubConfig, ScrubReport, _merge_overlaps, get_scrubber
+from embedded.synthdata import SITE_PROFILES, PlantedPII, generate_site_records
+from privacy.pii import Scrubber, ScrubConfig, ScrubReport, get_scrubber
+from privacy.pii_spans import merge_overlaps
 
 TITLES = {"Dr", "Mr", "Mrs", "Ms"}
 SURROGATE = re.compile(r"<PERSON_[0-9a-f]{6}>")
@@ -149,7 +150,7 @@ def test_notes_outside_the_synthetic_templates(scrubber: Scrubber) -> None:
 def test_overlapping_spans_merge_without_fragments() -> None:
     from presidio_analyzer import RecognizerResult
 
-    merged = _merge_overlaps(
+    merged = merge_overlaps(
         [
             RecognizerResult("LOCATION", 10, 16, 0.85),
             RecognizerResult("STREET_ADDRESS", 0, 20, 0.8),

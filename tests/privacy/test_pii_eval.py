@@ -7,7 +7,7 @@ import re
 import pytest
 
 from common.errors import ConfigError
-from common.synthpii import generate_labelled_texts
+from embedded.synthpii import generate_labelled_texts
 from privacy.pii import Scrubber, ScrubConfig, get_scrubber
 from privacy.pii_eval import STRUCTURED, evaluate, score
 

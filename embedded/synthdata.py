@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from common.fsutil import atomic_write_text
-from common.synthvocab import (
+from embedded.synthvocab import (
     AREA_CODES,
     CITIES,
     EMAIL_DOMAINS,

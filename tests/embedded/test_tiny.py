@@ -1,4 +1,4 @@
-"""Tests for the embedded tiny base model (common/tiny.py)."""
+"""Tests for the embedded tiny base model (embedded/tiny.py)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
-from common import tiny
-from common.tiny import (
+from embedded import tiny
+from embedded.tiny import (
     MANIFEST_NAME,
     TinySpec,
     build_tiny_model,

@@ -1,4 +1,4 @@
-"""Templates and domain terms of the labelled PII evaluation set (:mod:`common.synthpii`).
+"""Templates and domain terms of the labelled PII evaluation set (:mod:`embedded.synthpii`).
 
 Slots: ``{name}`` (untitled), ``{titled}`` (Dr./Mr./Mrs./Ms. + name), ``{lastfirst}``
 ("Last, First"), ``{mrn}``, ``{npi}``, ``{plan}`` (member/subscriber/group IDs),

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from common.tiny_corpus import generic_corpus  # re-exported: the corpus lived here before
+from embedded.tiny_corpus import generic_corpus  # re-exported: the corpus lived here before
 
 MANIFEST_NAME = "fedtune-tiny.json"
 FORMAT_VERSION = 2

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from common.synthdata import (
+from embedded.synthdata import (
     SITE_PROFILES,
     PlantedPII,
     generate_site_records,
@@ -136,7 +136,7 @@ def test_rejects_negative_sizes() -> None:
 
 
 def test_labelled_pii_set_spans_and_checksums() -> None:
-    from common.synthpii import DOMAINS, generate_labelled_texts
+    from embedded.synthpii import DOMAINS, generate_labelled_texts
 
     texts = generate_labelled_texts(40, seed=2)
     assert texts == generate_labelled_texts(40, seed=2) and len(texts) == 3 * 40

@@ -13,10 +13,9 @@ from __future__ import annotations
 import random
 import string
 from collections.abc import Callable
-from dataclasses import dataclass
 
-from common.synthpii_vocab import DOMAIN_TERMS_BY_DOMAIN, TEMPLATES
-from common.synthvocab import (
+from embedded.synthpii_vocab import DOMAIN_TERMS_BY_DOMAIN, TEMPLATES
+from embedded.synthvocab import (
     AREA_CODES,
     CITIES,
     EMAIL_DOMAINS,
@@ -28,32 +27,10 @@ from common.synthvocab import (
     STREET_NAMES,
     STREET_SUFFIXES,
 )
+from privacy.pii_eval import LabelledText, Span
 
 TERM = "TERM"
 DOMAINS = ("clinical", "banking", "insurance")
-
-
-@dataclass(frozen=True)
-class Span:
-    """``text[start:end]`` is a value of ``label`` (an entity type, or ``"TERM"``)."""
-
-    start: int
-    end: int
-    label: str
-
-
-@dataclass(frozen=True)
-class LabelledText:
-    """One synthetic text with its planted identifiers and the domain terms to keep."""
-
-    domain: str
-    text: str
-    pii: tuple[Span, ...]
-    terms: tuple[Span, ...]
-
-    def value(self, span: Span) -> str:
-        """The labelled substring."""
-        return self.text[span.start : span.end]
 
 
 Piece = tuple[str, str | None]  # text, label (None: context, not labelled)

@@ -1,0 +1,101 @@
+"""One training round behind one interface: plain Message-API rounds and SecAgg+ rounds.
+
+The coordinator's loop calls a :class:`TrainRound` and gets a :class:`RoundResult` back -- the new values
+of the trained adapter keys (or ``None``), every site's row, the bytes sent down, how many updates
+counted and what failed -- without knowing how the round was aggregated.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from flwr.app import ArrayRecord, ConfigRecord, Message
+from flwr.serverapp import Grid
+
+from common.arrays import payload_bytes
+from common.config import RunConfig
+from server.replies import SiteReply
+from server.secagg import secagg_train_round
+from server.strategy import Guard
+
+__all__ = ["PlainRound", "RoundResult", "SecAggRound", "TrainRound", "make_round"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RoundResult:
+    """What one training round produced."""
+
+    arrays: ArrayRecord | None  # new values of the keys the sites train; None: the adapter stays
+    rows: list[SiteReply] = field(default_factory=list)
+    bytes_down: int = 0
+    accepted: int = 0  # updates that counted
+    failure: str = ""  # aggregation failed: the run stops (checkpointed)
+
+
+class TrainRound(Protocol):
+    """Run training round ``rnd`` from the global ``arrays`` with the train ``request``."""
+
+    def __call__(self, rnd: int, arrays: ArrayRecord, request: ConfigRecord) -> RoundResult: ...
+
+
+class PlainRound:
+    """Flower's Message API: the triage wrapper sees every update (``server.strategy.Guard``)."""
+
+    def __init__(self, grid: Grid, strategy: Guard, timeout: float) -> None:
+        self.grid, self.strategy, self.timeout = grid, strategy, timeout
+
+    def __call__(self, rnd: int, arrays: ArrayRecord, request: ConfigRecord) -> RoundResult:
+        """Send, collect, triage, aggregate."""
+        messages = list(self.strategy.configure_train(rnd, arrays, request, self.grid))
+        replies = list(self.grid.send_and_receive(messages, timeout=self.timeout))
+        new = self.strategy.aggregate_train(rnd, replies)[0]
+        rows = [*self.strategy.rows, *missing(rnd, messages, replies, self.strategy, self.timeout)]
+        failure = self.strategy.failure
+        accepted = 0 if failure else sum(r.status == "trained" for r in rows)
+        return RoundResult(new, rows, payload_bytes(arrays) * len(messages), accepted, failure)
+
+
+class SecAggRound:
+    """Flower's SecAgg+: only the weighted sum of the updates is seen (``server.secagg``)."""
+
+    def __init__(self, grid: Grid, strategy: Guard, cfg: RunConfig) -> None:
+        self.grid, self.strategy, self.cfg = grid, strategy, cfg
+
+    def __call__(self, rnd: int, arrays: ArrayRecord, request: ConfigRecord) -> RoundResult:
+        """Pick the sites as a plain round would, then run the SecAgg+ protocol with them."""
+        messages = list(self.strategy.configure_train(rnd, arrays, request, self.grid))
+        nodes = [m.metadata.dst_node_id for m in messages]
+        new, rows = secagg_train_round(
+            self.grid, self.cfg, rnd, arrays, request, nodes, names=self.strategy.registry.names
+        )
+        for row in rows:
+            self.strategy.admit_row(row)
+        accepted = sum(r.status == "trained" for r in rows) if new is not None else 0
+        return RoundResult(new, rows, payload_bytes(arrays) * len(messages), accepted)
+
+
+def make_round(grid: Grid, strategy: Guard, cfg: RunConfig) -> TrainRound:
+    """The round the run config asks for."""
+    if cfg.secagg.enabled:
+        return SecAggRound(grid, strategy, cfg)
+    return PlainRound(grid, strategy, cfg.round_timeout)
+
+
+def missing(
+    rnd: int, sent: list[Message], got: list[Message], strategy: Guard, timeout: float
+) -> list[SiteReply]:
+    """Sites that were asked and never answered (timed out or disconnected)."""
+    answered = {m.metadata.src_node_id for m in got}
+    rows = []
+    for m in sent:
+        node = m.metadata.dst_node_id
+        if node not in answered:
+            site = strategy.registry.name_of(node) or f"node-{node}"
+            reason = f"no reply within round-timeout={timeout:g}s (site down or too slow)"
+            log.warning("round %d: site %s failed: %s", rnd, site, reason)
+            rows.append(SiteReply(node, site, "failed", reason))
+    return rows
