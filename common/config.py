@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from common.declare import defaults, flatten, option, parse, section
+from common.declare import Rule, defaults, flatten, option, parse, section, within
 from common.errors import ConfigError
 from common.sections import (
     MODULUS,
@@ -28,7 +28,6 @@ from common.sections import (
     SecAggConfig,
     SiteDPConfig,
     TrainConfig,
-    between,
 )
 
 __all__ = [
@@ -55,26 +54,26 @@ _HEX64 = re.compile(r"[0-9a-f]{64}")
 class RunConfig:
     """The coordinator's run configuration (Flower ``run_config``)."""
 
-    num_server_rounds: int = option(
-        "num-server-rounds", 12, "federated rounds", "an integer in [1, 100000]", between(1, 100_000)
-    )
+    num_server_rounds: int = option("num-server-rounds", 12, "federated rounds", within(1, 100000))
     round_timeout: float = option(
-        "round-timeout", 900.0, "seconds to wait for sites each round", "seconds > 0", lambda x: x > 0
+        "round-timeout", 900.0, "seconds to wait for sites each round", Rule("seconds > 0", lambda x: x > 0)
     )
-    resume: bool = option("resume", False, "continue the run in out-dir from its checkpoint", "true or false")
-    model_dir: str = option("model-dir", "", "the base model's local folder", "a local folder")
-    out_dir: str = option("out-dir", "runs/latest", "the run folder", "a writable folder", bool)
+    resume: bool = option(
+        "resume", False, "continue the run in out-dir from its checkpoint", Rule("true or false")
+    )
+    model_dir: str = option("model-dir", "", "the base model's local folder", Rule("a local folder"))
+    out_dir: str = option("out-dir", "runs/latest", "the run folder", Rule("a writable folder", bool))
     federation_dir: str = option(
-        "federation-dir", "", "a folder kept across runs", "a folder (default: out-dir's parent)"
+        "federation-dir", "", "a folder kept across runs", Rule("a folder (default: out-dir's parent)")
     )
     site_keys: str = option(
         "site-keys",
         "",
         "the sites' ledger keys",
-        "'' (trust each site's key on first use) or a folder of <site>.pub.pem",
+        Rule("'' (trust each site's key on first use) or a folder of <site>.pub.pem"),
     )
     sim_policies: str = option(
-        "sim-policies", "", "site policies by partition id (simulation only)", "a JSON list of paths"
+        "sim-policies", "", "site policies by partition id (simulation only)", Rule("a JSON list of paths")
     )
     lora: LoraConfig = section(LoraConfig, "LoRA")
     train: TrainConfig = section(TrainConfig, "local training requested of every site")
@@ -170,30 +169,29 @@ class TrainRequest:
     """
 
     server_round: int = option(
-        "server-round", 1, "the round", "an integer in [1, num-rounds]", between(1, 100_000)
+        "server-round", 1, "the round", Rule("an integer in [1, num-rounds]", within(1, 100000).check)
     )
-    num_rounds: int = option(
-        "num-rounds", 1, "rounds the run plans", "an integer in [1, 100000]", between(1, 100_000)
-    )
+    num_rounds: int = option("num-rounds", 1, "rounds the run plans", within(1, 100000))
     run_id: str = option(
-        "run-id", "", "the run", "1-64 letters, digits, '_', '.', '-'", lambda x: bool(RUN_ID.fullmatch(x))
+        "run-id",
+        "",
+        "the run",
+        Rule("1-64 letters, digits, '_', '.', '-'", lambda x: bool(RUN_ID.fullmatch(x))),
     )
     base_model_fingerprint: str = option(
-        "base-model-fingerprint", "", "SHA-256 of the base model", "64 lowercase hex characters", _hex64
+        "base-model-fingerprint", "", "SHA-256 of the base model", Rule("64 lowercase hex characters", _hex64)
     )
     ledger_seq: int = option(
         "ledger-seq",
         -1,
         "the site's last ledger entry the coordinator saw",
-        "-1 (none) or a seq",
-        between(-1, 2**62),
+        Rule("-1 (none) or a seq", within(-1, 2**62).check),
     )
     ledger_hash: str = option(
         "ledger-hash",
         "",
         "that entry's hash",
-        "'' or 64 lowercase hex characters",
-        lambda x: x == "" or _hex64(x),
+        Rule("'' or 64 lowercase hex characters", lambda x: x == "" or _hex64(x)),
     )
     lora: LoraConfig = section(LoraConfig)
     train: TrainConfig = section(TrainConfig)
@@ -228,7 +226,7 @@ class TrainRequest:
     def salvage(record: Mapping[str, Any]) -> tuple[int, str]:
         """``(round, run id)`` of a request that failed to parse, as far as they are valid (its refusal's)."""
         rnd, run = record.get("server-round"), record.get("run-id")
-        round_ok = isinstance(rnd, int) and not isinstance(rnd, bool) and 0 <= rnd <= 100_000
+        round_ok = isinstance(rnd, int) and not isinstance(rnd, bool) and 0 <= rnd <= 100000
         run_ok = isinstance(run, str) and bool(RUN_ID.fullmatch(run))
         return (rnd if round_ok and isinstance(rnd, int) else 0), (
             run if run_ok and isinstance(run, str) else "invalid-request"

@@ -23,29 +23,93 @@ from typing import Any
 from common.errors import ConfigError
 
 __all__ = [
+    "Rule",
     "Spec",
+    "above",
+    "at_least",
     "defaults",
     "flatten",
+    "fraction",
     "markdown_table",
+    "one_of",
     "option",
     "parse",
     "section",
     "specs",
     "toml_template",
+    "within",
 ]
 
 Check = Callable[[Any], bool]
 _KINDS = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
 
 
-def option(key: str, default: Any, help: str, rule: str = "", check: Check | None = None) -> Any:
-    """A configuration field: its outside ``key``, ``default``, the ``rule`` its value meets, ``help``."""
+@dataclass(frozen=True)
+class Rule:
+    """What a value must be: the words users read and the check that enforces them, declared together.
+
+    ``text`` may hold ``{kind}``, filled in by :func:`option` from the default's type ("an integer" or
+    "a number"); ``check`` ``None`` means the type alone is the rule (e.g. "true or false").
+    """
+
+    text: str
+    check: Check | None = None
+
+
+def _num(x: float) -> str:
+    """``1e6`` as ``1e6``, ``1e-3`` as ``1e-3``, ``0.5`` as ``0.5``, ``100000`` as ``100000``."""
+    if isinstance(x, int) or (float(x).is_integer() and abs(x) < 1e5):
+        return str(int(x))
+    if 1e-2 <= abs(x) < 1e5:
+        return f"{x:g}"
+    mantissa, exponent = f"{x:e}".split("e")
+    return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
+
+
+def _noted(text: str, note: str) -> str:
+    return f"{text} ({note})" if note else text
+
+
+def at_least(low: float, *, note: str = "") -> Rule:
+    """``x >= low``."""
+    return Rule(_noted(f"{{kind}} >= {_num(low)}", note), lambda x: bool(x >= low))
+
+
+def above(low: float, *, note: str = "") -> Rule:
+    """``x > low``."""
+    return Rule(_noted(f"{{kind}} > {_num(low)}", note), lambda x: bool(x > low))
+
+
+def within(low: float, high: float, *, open_low: bool = False, note: str = "") -> Rule:
+    """``low <= x <= high`` (``low < x`` with ``open_low``)."""
+    text = f"{{kind}} in {'(' if open_low else '['}{_num(low)}, {_num(high)}]"
+    if open_low:
+        return Rule(_noted(text, note), lambda x: bool(low < x <= high))
+    return Rule(_noted(text, note), lambda x: bool(low <= x <= high))
+
+
+def fraction(high: float = 1.0, *, open_high: bool = False, note: str = "") -> Rule:
+    """``0 < x <= high`` (``x < high`` with ``open_high``)."""
+    text = f"a fraction in (0, {_num(high)}{')' if open_high else ']'}"
+    if open_high:
+        return Rule(_noted(text, note), lambda x: bool(0 < x < high))
+    return Rule(_noted(text, note), lambda x: bool(0 < x <= high))
+
+
+def one_of(choices: Sequence[str]) -> Rule:
+    """``x in choices``."""
+    options = tuple(choices)
+    return Rule(f"one of {', '.join(options)}", lambda x: x in options)
+
+
+def option(key: str, default: Any, help: str, rule: Rule | None = None) -> Any:
+    """A configuration field: its outside ``key``, ``default``, ``help`` and the :class:`Rule` it meets."""
+    rule = rule or Rule("")
+    kind = "an integer" if isinstance(default, int) and not isinstance(default, bool) else "a number"
+    meta = {"key": key, "help": help, "rule": rule.text.replace("{kind}", kind), "check": rule.check}
     if isinstance(default, list | dict):
-        return field(
-            default_factory=lambda: type(default)(default),
-            metadata={"key": key, "help": help, "rule": rule, "check": check},
-        )
-    return field(default=default, metadata={"key": key, "help": help, "rule": rule, "check": check})
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
 
 
 def section(cls: type, help: str = "") -> Any:

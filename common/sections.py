@@ -9,9 +9,8 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
 
-from common.declare import option
+from common.declare import Rule, above, at_least, fraction, one_of, option, within
 
 __all__ = [
     "AGGREGATIONS",
@@ -22,17 +21,11 @@ __all__ = [
     "SecAggConfig",
     "SiteDPConfig",
     "TrainConfig",
-    "between",
 ]
 
 _MODULE = re.compile(r"[A-Za-z_][A-Za-z0-9_.]{0,127}")
 AGGREGATIONS = ("fedavg", "median", "trimmed-mean", "krum")
 MODULUS = 2**32  # Flower's SecAgg+ mask modulus
-
-
-def between(low: float, high: float) -> Any:
-    """A check: ``low <= x <= high``."""
-    return lambda x: bool(low <= x <= high)
 
 
 def _targets_ok(value: str) -> bool:
@@ -44,13 +37,19 @@ def _targets_ok(value: str) -> bool:
 class LoraConfig:
     """The adapter structure every party of a federation must share."""
 
-    rank: int = option("lora-rank", 16, "LoRA rank r", "an integer in [1, 4096]", between(1, 4096))
-    alpha: int = option("lora-alpha", 32, "LoRA scale alpha", "an integer in [1, 65536]", between(1, 65536))
+    rank: int = option("lora-rank", 16, "LoRA rank r", within(1, 4096))
+    alpha: int = option("lora-alpha", 32, "LoRA scale alpha", within(1, 65536))
     targets: str = option(
-        "lora-targets", "q_proj,v_proj", "modules LoRA adapts", "comma-separated module names", _targets_ok
+        "lora-targets",
+        "q_proj,v_proj",
+        "modules LoRA adapts",
+        Rule("comma-separated module names", _targets_ok),
     )
     ffa: bool = option(
-        "ffa-lora", False, "FFA-LoRA: A frozen at the shared init, only B trained and sent", "true or false"
+        "ffa-lora",
+        False,
+        "FFA-LoRA: A frozen at the shared init, only B trained and sent",
+        Rule("true or false"),
     )
 
     @property
@@ -70,33 +69,30 @@ LoraSpec = LoraConfig  # the name the model code uses for "the LoRA layout"
 class TrainConfig:
     """The local training a coordinator requests of every site (each site's policy has the last word)."""
 
-    local_steps: int = option(
-        "local-steps", 5, "DP-SGD steps per round", "an integer in [1, 100000]", between(1, 100_000)
-    )
-    batch_size: int = option(
-        "batch-size", 16, "expected Poisson batch", "an integer in [1, 1000000]", between(1, 1_000_000)
-    )
+    local_steps: int = option("local-steps", 5, "DP-SGD steps per round", within(1, 100000))
+    batch_size: int = option("batch-size", 16, "expected Poisson batch", within(1, 1000000))
     learning_rate: float = option(
-        "learning-rate", 0.02, "AdamW learning rate", "a number in (0, 1000]", lambda x: 0 < x <= 1000
+        "learning-rate", 0.02, "AdamW learning rate", within(0, 1000, open_low=True)
     )
-    max_grad_norm: float = option(
-        "max-grad-norm", 1.0, "per-record clip norm", "a number in (0, 1e6]", lambda x: 0 < x <= 1e6
-    )
+    max_grad_norm: float = option("max-grad-norm", 1.0, "per-record clip norm", within(0, 1e6, open_low=True))
     noise_multiplier: float = option(
-        "noise-multiplier", 0.0, "DP noise multiplier",
-        "0 (each site calibrates to its budget) or a number in (0, 1e4]",
-        between(0, 1e4),
-    )  # fmt: skip
-    max_seq_len: int = option(
-        "max-seq-len", 256, "tokens per record", "an integer in [8, 1000000]", between(8, 1_000_000)
+        "noise-multiplier",
+        0.0,
+        "DP noise multiplier",
+        Rule("0 (each site calibrates to its budget) or a number in (0, 1e4]", within(0, 1e4).check),
     )
+    max_seq_len: int = option("max-seq-len", 256, "tokens per record", within(8, 1000000))
     dp: bool = option(
-        "dp", True, "record-level DP", "true, or false for a non-private baseline (sites must allow it)"
+        "dp", True, "record-level DP", Rule("true, or false for a non-private baseline (sites must allow it)")
     )
     seed: int = option(
-        "seed", -1, "noise seed", "-1 (unpredictable DP noise) or a seed >= 0 (testing only: NOT private)",
-        between(-1, 2**62),
-    )  # fmt: skip
+        "seed",
+        -1,
+        "noise seed",
+        Rule(
+            "-1 (unpredictable DP noise) or a seed >= 0 (testing only: NOT private)", within(-1, 2**62).check
+        ),
+    )
 
 
 @dataclass(frozen=True)
@@ -107,51 +103,42 @@ class AggregationConfig:
         "fraction-train",
         1.0,
         "share of connected sites asked per round",
-        "a fraction in (0, 1]",
-        lambda x: 0 < x <= 1,
+        fraction(1),
     )
-    min_train_sites: int = option(
-        "min-train-sites", 2, "updates a round needs", "an integer >= 1", lambda x: x >= 1
-    )
+    min_train_sites: int = option("min-train-sites", 2, "updates a round needs", at_least(1))
     method: str = option(
         "aggregation",
         "fedavg",
         "aggregation",
-        "one of " + ", ".join(AGGREGATIONS),
-        lambda x: x in AGGREGATIONS,
+        one_of(AGGREGATIONS),
     )
     trim_beta: float = option(
         "trim-beta",
         0.2,
         "share trimmed at each end (trimmed-mean)",
-        "a fraction in (0, 0.5)",
-        lambda x: 0 < x < 0.5,
+        fraction(0.5, open_high=True),
     )
     max_update_norm: float = option(
         "max-update-norm",
         100.0,
         "L2 bound on each site's update",
-        "a number >= 0 (0 = off)",
-        lambda x: x >= 0,
+        at_least(0, note="0 = off"),
     )
     update_norm_ratio: float = option(
         "update-norm-ratio",
         10.0,
         "bound relative to the round's median update norm",
-        "a number >= 0 (0 = off)",
-        lambda x: x >= 0,
+        at_least(0, note="0 = off"),
     )
     weighting: str = option(
         "weighting",
         "num-examples",
         "weight of each update",
-        "'num-examples' or 'equal'",
-        lambda x: x in ("num-examples", "equal"),
+        one_of(("num-examples", "equal")),
     )
     max_weight_share: float = option(
         "max-weight-share", 0.5, "largest share of the aggregate one site may weigh",
-        "a fraction in (0, 1] (1 = off)",
-        lambda x: 0 < x <= 1,
+        fraction(1, note='1 = off'),
     )  # fmt: skip
 
 
@@ -159,18 +146,13 @@ class AggregationConfig:
 class SiteDPConfig:
     """Site-level DP at the coordinator (Flower's server-side fixed clipping)."""
 
-    noise: float = option(
-        "site-dp-noise", 0.0, "site-level DP noise multiplier", "a number >= 0 (0 = off)", lambda x: x >= 0
-    )
-    clip: float = option(
-        "site-dp-clip", 1.0, "L2 bound on each site's update", "a number > 0", lambda x: x > 0
-    )
+    noise: float = option("site-dp-noise", 0.0, "site-level DP noise multiplier", at_least(0, note="0 = off"))
+    clip: float = option("site-dp-clip", 1.0, "L2 bound on each site's update", above(0))
     delta: float = option(
         "site-dp-delta",
         1e-3,
         "site-level delta",
-        "a number in (0, 1]: ~1/number-of-sites or smaller",
-        lambda x: 0 < x <= 1,
+        within(0, 1, open_low=True, note="~1/number-of-sites or smaller"),
     )
 
 
@@ -178,16 +160,8 @@ class SiteDPConfig:
 class SecAggConfig:
     """Flower's SecAgg+: the coordinator sees only the sum of the updates."""
 
-    enabled: bool = option("secagg", False, "SecAgg+ aggregation", "true or false")
-    shares: int = option(
-        "secagg-shares", 3, "secret shares per site's key", "an integer >= 2", lambda x: x >= 2
-    )
-    threshold: int = option(
-        "secagg-threshold", 2, "shares needed to unmask", "an integer >= 2", lambda x: x >= 2
-    )
-    clip_range: float = option(
-        "secagg-clip-range", 8.0, "update values are clipped to +-range", "a number > 0", lambda x: x > 0
-    )
-    quantization: int = option(
-        "secagg-quantization", 4194304, "quantization levels", "an integer >= 2", lambda x: x >= 2
-    )
+    enabled: bool = option("secagg", False, "SecAgg+ aggregation", Rule("true or false"))
+    shares: int = option("secagg-shares", 3, "secret shares per site's key", at_least(2))
+    threshold: int = option("secagg-threshold", 2, "shares needed to unmask", at_least(2))
+    clip_range: float = option("secagg-clip-range", 8.0, "update values are clipped to +-range", above(0))
+    quantization: int = option("secagg-quantization", 4194304, "quantization levels", at_least(2))

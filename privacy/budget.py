@@ -24,7 +24,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from common.declare import option
+from common.declare import Rule, above, at_least, fraction, one_of, option, within
 from common.errors import BudgetExceededError, PolicyViolationError
 from privacy.accounting import MechanismStep, calibrate_noise, epsilon
 from privacy.ledger import LedgerState, Transaction
@@ -41,63 +41,57 @@ def _positive(x: float) -> bool:
 class BudgetPolicy:
     """The site's budget rules: the ``[privacy]`` section of its policy, declared here once."""
 
-    max_epsilon: float = option(
-        "max-epsilon", 8.0, "the site's lifetime privacy budget", "a number > 0", _positive
-    )
-    delta: float = option("delta", 1e-5, "the site's delta", "a number in (0, 1e-3]", lambda x: 0 < x <= 1e-3)
+    max_epsilon: float = option("max-epsilon", 8.0, "the site's lifetime privacy budget", above(0))
+    delta: float = option("delta", 1e-5, "the site's delta", within(0, 1e-3, open_low=True))
     accountant: str = option(
         "accountant",
         "prv",
         "the accountant that enforces the budget",
-        "'prv' or 'rdp'",
-        lambda x: x in ("prv", "rdp"),
+        one_of(("prv", "rdp")),
     )
     max_epsilon_per_run: float | None = option(
         "max-epsilon-per-run",
         None,
         "ceiling of one run id's epsilon",
-        "a number > 0, at most max-epsilon (default: max-epsilon)",
-        _positive,
+        Rule("a number > 0, at most max-epsilon (default: max-epsilon)", _positive),
     )
     max_epsilon_per_round: float | None = option(
         "max-epsilon-per-round", None, "ceiling of one round's epsilon, alone",
-        "a number > 0, at most max-epsilon-per-run (default: max-epsilon / 2)", _positive,
+        Rule('a number > 0, at most max-epsilon-per-run (default: max-epsilon / 2)', _positive),
     )  # fmt: skip
     min_noise_multiplier: float = option(
         "min-noise-multiplier",
         0.3,
         "noise floor: requests below are refused",
-        "a number >= 0",
-        lambda x: x >= 0,
+        at_least(0),
     )
     max_sample_rate: float = option(
         "max-sample-rate",
         0.25,
         "ceiling on the Poisson sample rate",
-        "a fraction in (0, 1]",
-        lambda x: 0 < x <= 1,
+        fraction(1),
     )
-    max_grad_norm: float = option(
-        "max-grad-norm", 10.0, "ceiling on the clip norm", "a number > 0", _positive
-    )
+    max_grad_norm: float = option("max-grad-norm", 10.0, "ceiling on the clip norm", above(0))
     max_steps_per_round: int = option(
-        "max-steps-per-round", 1000, "ceiling on DP-SGD steps per round", "an integer >= 1", lambda x: x >= 1
+        "max-steps-per-round", 1000, "ceiling on DP-SGD steps per round", at_least(1)
     )
     max_round_retries: int = option(
         "max-round-retries",
         1,
         "re-reservations of a round that crashed before committing",
-        "an integer >= 0",
-        lambda x: x >= 0,
+        at_least(0),
     )
     allow_non_private: bool = option(
-        "allow-non-private", False, "training without DP", "false; true only for benchmarks on synthetic data"
+        "allow-non-private",
+        False,
+        "training without DP",
+        Rule("false; true only for benchmarks on synthetic data"),
     )
     allow_seeded_noise: bool = option(
         "allow-seeded-noise",
         False,
         "a coordinator's noise seed",
-        "false; true only for reproducible tests (NOT private)",
+        Rule("false; true only for reproducible tests (NOT private)"),
     )
 
     @property

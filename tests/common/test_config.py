@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import tomllib
 from pathlib import Path
 
@@ -10,7 +11,20 @@ import pytest
 
 from client.policy import SECTIONS, load_policy, render_policy
 from common.config import NodeConfig, RunConfig, TrainRequest, default_run_config
-from common.declare import defaults, flatten, markdown_table, option, parse, specs
+from common.declare import (
+    Rule,
+    above,
+    at_least,
+    defaults,
+    flatten,
+    fraction,
+    markdown_table,
+    one_of,
+    option,
+    parse,
+    specs,
+    within,
+)
 from common.errors import ConfigError
 from fedtune.config_docs import render
 
@@ -68,15 +82,39 @@ def test_a_new_key_is_one_declaration() -> None:
 
     @dataclasses.dataclass(frozen=True)
     class WithWarmup(RunConfig):
-        warmup_steps: int = option(
-            "warmup-steps", 0, "steps before the first DP round", "an integer >= 0", lambda x: x >= 0
-        )
+        warmup_steps: int = option("warmup-steps", 0, "steps before the first DP round", at_least(0))
 
     assert parse(WithWarmup, {"warmup-steps": 3}, "t").warmup_steps == 3
     assert defaults(WithWarmup)["warmup-steps"] == 0 and "warmup-steps" in flatten(WithWarmup())
     assert "| `warmup-steps` | `0` | an integer >= 0 |" in markdown_table(WithWarmup)
     with pytest.raises(ConfigError, match="'warmup-steps' must be an integer >= 0, got -1"):
         parse(WithWarmup, {"warmup-steps": -1}, "t")
+
+
+@pytest.mark.parametrize(
+    ("rule", "default", "inside", "outside", "text"),
+    [
+        (at_least(1), 0, [1, 10**9], [0, -1], "an integer >= 1"),
+        (above(0), 0.0, [1e-9, 3.0], [0.0, -1.0], "a number > 0"),
+        (within(0, 1e-3, open_low=True), 0.0, [1e-9, 1e-3], [0.0, 2e-3], "a number in (0, 1e-3]"),
+        (fraction(), 0.5, [0.5, 1.0], [0.0, 1.1], "a fraction in (0, 1]"),
+        (one_of(("prv", "rdp")), "prv", ["prv", "rdp"], ["PRV", ""], "one of prv, rdp"),
+    ],
+)
+def test_a_rule_says_what_it_checks(
+    rule: Rule, default: object, inside: list[object], outside: list[object], text: str
+) -> None:
+    """The words in the docs and the check come from one helper, so they cannot drift apart."""
+
+    One = dataclasses.make_dataclass(
+        "One", [("x", type(default), option("x", default, "x", rule))], frozen=True
+    )
+    shown = f'"{default}"' if isinstance(default, str) else default
+    assert f"| `x` | `{shown}` | {text} |" in markdown_table(One)
+    assert rule.check is not None and all(rule.check(v) for v in inside)
+    for v in outside:
+        with pytest.raises(ConfigError, match=re.escape(f"'x' must be {text}")):
+            parse(One, {"x": v}, "t")
 
 
 def test_all_problems_reported_at_once_with_key_and_fix() -> None:
