@@ -25,6 +25,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+from client.compute import ComputeSection
 from common.config import SITE_NAME
 from common.declare import Rule, above, at_least, fraction, one_of, option, parse, toml_template
 from common.errors import ConfigError
@@ -144,6 +145,7 @@ SECTIONS: dict[str, type] = {
     "privacy": BudgetPolicy,
     "training": TrainingSection,
     "pii": PiiSection,
+    "compute": ComputeSection,
 }
 REQUIRED = {"site": ("name",), "data": ("path",), "model": ("path",)}
 
@@ -159,6 +161,7 @@ class SitePolicy:
     privacy: BudgetPolicy
     training: TrainingSection
     pii: PiiSection
+    compute: ComputeSection
 
     def _resolve(self, value: str) -> Path:
         q = Path(value).expanduser()
@@ -301,10 +304,12 @@ def render_policy(
     allow_non_private: bool = False,
     allow_seeded_noise: bool = False,
     privacy: Mapping[str, Any] | None = None,
+    compute: Mapping[str, Any] | None = None,
 ) -> str:
     """A complete, commented policy file (every key with its rule), for provisioning and simulations.
 
-    ``privacy`` sets further ``[privacy]`` keys (e.g. ``{"max-epsilon-per-round": 2.0}``).
+    ``privacy`` sets further ``[privacy]`` keys (e.g. ``{"max-epsilon-per-round": 2.0}``), ``compute``
+    the ``[compute]`` keys (e.g. ``{"quantization": "nf4"}``).
     """
     site: dict[str, Any] = {"name": name, "state-dir": state_dir}
     if ledger_head is not None:
@@ -314,4 +319,5 @@ def render_policy(
     budget: dict[str, Any] = {"max-epsilon": float(max_epsilon), "delta": float(delta)}
     budget |= {"allow-non-private": allow_non_private, "allow-seeded-noise": allow_seeded_noise}
     values = {"site": site, "data": {"path": str(data_path)}, "model": {"path": str(model_path)}}
-    return toml_template(SECTIONS, values | {"privacy": budget | dict(privacy or {})})
+    values |= {"privacy": budget | dict(privacy or {}), "compute": dict(compute or {})}
+    return toml_template(SECTIONS, values)

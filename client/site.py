@@ -35,16 +35,16 @@ import torch
 from flwr.app import ArrayRecord
 
 from client import faults
+from client.compute import Compute, check_fit, load_base, prepare_for_dp, resolve
 from client.data import SiteData, load_site_data, tokenize
 from client.policy import SitePolicy
 from client.train import DPPlan, TrainStep, evaluate_loss, train_dp
-from common.arrays import check_update, spec_of, to_record, to_state, update_sha256
+from common.arrays import check_update, decode, encode, spec_of, to_record, to_state, update_sha256
 from common.config import LoraSpec, TrainRequest
 from common.errors import BudgetExceededError, ConfigError, PolicyViolationError
 from common.modeling import (
     adapter_state,
     load_adapter_state,
-    load_base_model,
     load_tokenizer,
     make_peft_model,
     model_fingerprint,
@@ -94,6 +94,7 @@ class SiteAgent:
         self._template: dict[str, Any] = {}
         self._tokenizer: Any = None
         self._fingerprint: str | None = None
+        self._compute: Compute | None = None
         self._tensors: dict[int, tuple[torch.Tensor, ...]] = {}
 
     # ---------------------------------------------------------------- setup (cached)
@@ -132,6 +133,7 @@ class SiteAgent:
         self.check_state_dir()
         data = self.data()
         self.model_fingerprint()
+        self.compute()
         if self._tokenizer is None:
             self._tokenizer = load_tokenizer(self.policy.model_path)
         return data
@@ -149,12 +151,23 @@ class SiteAgent:
             self._fingerprint = model_fingerprint(self.policy.model_path)
         return self._fingerprint
 
+    def compute(self) -> Compute:
+        """The site's compute plan (``[compute]`` on this machine); the base model must fit it."""
+        if self._compute is None:
+            where = f"{self.policy.source} [compute]"
+            plan = resolve(self.policy.compute, where=where)
+            check_fit(self.policy.model_path, plan, where=where)
+            self._compute = plan
+            log.info("site %s trains on %s", self.policy.name, plan.describe())
+        return self._compute
+
     def _peft(self, lora: LoraSpec) -> Any:
         if self._model is None or self._lora != lora:
-            base = load_base_model(self.policy.model_path)
+            self._model = None  # the old model's memory goes before the new one loads
+            base = load_base(self.policy.model_path, self.compute())
             try:
                 with torch.random.fork_rng():
-                    self._model = make_peft_model(base, lora)
+                    self._model = prepare_for_dp(make_peft_model(base, lora), self.compute())
             except ValueError as exc:  # PEFT: a target module the base model does not have
                 self._model, self._lora = None, None
                 raise PolicyViolationError(
@@ -285,8 +298,8 @@ class SiteAgent:
             model, ids, mask, plan, learning_rate=req.train.learning_rate, seed=self._round_seed(req)
         )
         state = adapter_state(model)
-        record = to_record({k: state[k] for k in req.lora.update_keys(state)})
-        finite = all(np.isfinite(a.numpy()).all() for a in record.values())
+        record = encode({k: state[k] for k in req.lora.update_keys(state)}, req.train.wire_dtype)
+        finite = all(np.isfinite(decode(a)).all() for a in record.values())  # float16 can overflow
         if not finite or (stats.mean_loss is not None and not math.isfinite(stats.mean_loss)):
             reason = (
                 "training diverged (non-finite loss or update): nothing was sent; the reservation stays spent"

@@ -83,9 +83,9 @@ class TrainStep(Protocol):
     ) -> TrainStats: ...
 
 
-def make_generator(seed: int | None) -> torch.Generator:
-    """A CPU generator seeded from the OS, or from ``seed`` (testing only: not private)."""
-    gen = torch.Generator()
+def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator:
+    """A generator on ``device`` seeded from the OS, or from ``seed`` (testing only: not private)."""
+    gen = torch.Generator(device=device)
     if seed is None:
         gen.manual_seed(secrets.randbits(63))
     else:
@@ -99,9 +99,18 @@ def _shifted_logits(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Next-token logits, targets and a 0/1 validity mask, trimmed to the batch's longest record."""
     width = int(mask.sum(dim=1).max().item())
-    ids, mask = ids[:, :width], mask[:, :width]
+    device = model_device(model)
+    ids, mask = ids[:, :width].to(device), mask[:, :width].to(device)
     logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1, :]
     return logits, ids[:, 1:], mask[:, 1:].to(logits.dtype)
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """Where the model's trainable weights (the LoRA layers) live; the batches go there."""
+    for p in model.parameters():
+        if p.requires_grad:
+            return p.device
+    return next(model.parameters()).device
 
 
 def _sequence_mean_loss(logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -148,7 +157,7 @@ def evaluate_loss(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor,
     for i in range(0, ids.size(0), batch):
         b_ids, b_mask = ids[i : i + batch], mask[i : i + batch]
         tokens = (b_mask[:, 1:].sum(dim=1)).to(torch.float32)
-        total += float((per_sample_loss(model, b_ids, b_mask) * tokens).sum())
+        total += float((per_sample_loss(model, b_ids, b_mask).float().cpu() * tokens).sum())
         count += float(tokens.sum())
     model.train(was_training)
     return total / max(count, 1.0)
@@ -229,10 +238,24 @@ class DPStepper:
             if self._criterion is not None:
                 ghost_loss = self._criterion(*_shifted_logits(self.module, ids, mask))
                 ghost_loss.backward()  # two passes: per-record norms, then the clipped sum
+                self._check_per_record(ids.size(0), "_norm_sample")
                 return float(ghost_loss.detach())
             losses = per_sample_loss(self.module, ids, mask)
             losses.sum().backward()
-            return float(losses.detach().mean())
+        self._check_per_record(ids.size(0))
+        return float(losses.detach().mean())
+
+    def _check_per_record(self, batch: int, attr: str = "grad_sample") -> None:
+        """Every trained tensor holds one gradient (norm) per record, or the step stops, untrained."""
+        missing = [
+            p for p in self.params if getattr(p, attr, None) is None or getattr(p, attr).shape[0] != batch
+        ]
+        if missing:
+            raise RuntimeError(
+                f"{len(missing)} of {len(self.params)} LoRA tensors have no per-record gradients after "
+                "backward: Opacus's hooks did not fire (non-reentrant gradient checkpointing does this); "
+                "the step is refused rather than trained without per-record clipping"
+            )
 
     def update(self) -> None:
         """Clip (hooks / functorch), add noise, take the AdamW step, clear gradients."""
@@ -307,7 +330,7 @@ def train_dp(
     """
     model.train()
     sample_gen = make_generator(seed)
-    noise_gen = make_generator(None if seed is None else seed + 1)
+    noise_gen = make_generator(None if seed is None else seed + 1, model_device(model))
     stepper = DPStepper(model, plan, learning_rate=learning_rate, noise_generator=noise_gen, mode=mode)
     loader = DPDataLoader(TensorDataset(ids, mask), sample_rate=plan.sample_rate, generator=sample_gen)
     losses: list[float] = []

@@ -1,4 +1,10 @@
-"""Adapter state dicts <-> Flower ``ArrayRecord``, and the checks a reply must pass."""
+"""Adapter state dicts <-> Flower ``ArrayRecord``, the update's wire precision, the checks a reply must pass.
+
+An update may travel in float32, bfloat16 or float16 (``wire-dtype``): rounding the DP release is
+post-processing, so it costs no privacy. NumPy has no bfloat16, so a bfloat16 array travels as its
+raw 16-bit patterns (a ``uint16`` array) under the dtype name ``bfloat16``; :func:`decode` turns any
+wire array back into float32 and refuses one whose content does not match what it claims to be.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +14,14 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord
+from flwr.app import Array, ArrayRecord
+
+WIRE_DTYPES = ("float32", "bfloat16", "float16")
+_NUMPY_OF = {
+    "float32": np.dtype(np.float32),
+    "float16": np.dtype(np.float16),
+    "bfloat16": np.dtype(np.uint16),
+}
 
 
 @dataclass(frozen=True)
@@ -22,6 +35,44 @@ class ArraySpec:
 def to_record(state: Mapping[str, torch.Tensor]) -> ArrayRecord:
     """Wrap an adapter state dict (tensor order kept) as an ``ArrayRecord``."""
     return ArrayRecord({k: v.detach().cpu().contiguous() for k, v in state.items()})
+
+
+def encode(state: Mapping[str, torch.Tensor], wire_dtype: str = "float32") -> ArrayRecord:
+    """An update in ``wire_dtype`` (one of :data:`WIRE_DTYPES`), rounded to nearest."""
+    if wire_dtype not in WIRE_DTYPES:
+        raise ValueError(f"unknown wire dtype {wire_dtype!r}: use one of {', '.join(WIRE_DTYPES)}")
+    if wire_dtype != "bfloat16":
+        dtype = torch.float16 if wire_dtype == "float16" else torch.float32
+        return to_record({k: v.detach().to(dtype) for k, v in state.items()})
+    out = {}
+    for key, value in state.items():
+        bits = value.detach().cpu().to(torch.bfloat16).contiguous().view(torch.int16).numpy().view(np.uint16)
+        raw = Array(bits)
+        out[key] = Array(dtype="bfloat16", shape=tuple(bits.shape), stype=raw.stype, data=raw.data)
+    return ArrayRecord(out)
+
+
+def decode(arr: Array) -> np.ndarray:
+    """A wire array as float32; ``ValueError`` if its content is not the dtype and shape it declares."""
+    want = _NUMPY_OF.get(arr.dtype)
+    if want is None:
+        raise ValueError(f"dtype {arr.dtype} is not a wire dtype ({', '.join(WIRE_DTYPES)})")
+    try:
+        values = arr.numpy()
+    except (ValueError, TypeError, OSError) as exc:
+        raise ValueError(f"unreadable array data ({exc})") from None
+    if values.dtype != want or tuple(values.shape) != tuple(arr.shape):
+        raise ValueError(
+            f"holds {values.dtype} {tuple(values.shape)}, not the {arr.dtype} {tuple(arr.shape)} it declares"
+        )
+    if arr.dtype == "bfloat16":
+        return torch.from_numpy(values.view(np.int16).copy()).view(torch.bfloat16).float().numpy()
+    return values.astype(np.float32)
+
+
+def to_float32(record: ArrayRecord) -> ArrayRecord:
+    """``record`` decoded into float32 arrays (what aggregation and norms work on)."""
+    return ArrayRecord({k: Array(decode(a)) for k, a in record.items()})
 
 
 def to_state(record: ArrayRecord) -> dict[str, torch.Tensor]:
@@ -66,6 +117,11 @@ def check_update(record: ArrayRecord, template: Mapping[str, ArraySpec]) -> list
         if str(arr.dtype) != want.dtype:
             problems.append(f"'{key}' has dtype {arr.dtype}, expected {want.dtype}")
             continue
-        if not np.isfinite(arr.numpy()).all():
+        try:
+            values = decode(arr)
+        except ValueError as exc:
+            problems.append(f"'{key}' {exc}")
+            continue
+        if not np.isfinite(values).all():
             problems.append(f"'{key}' holds NaN or infinite values")
     return problems

@@ -112,6 +112,11 @@ class RunConfig:
                 "'secagg' = true cannot be combined with 'site-dp-noise' > 0: Flower's server-side clipping "
                 "needs each site's update; set one of them off"
             )
+        if sa.enabled and self.train.wire_dtype != "float32":
+            out.append(
+                f"'secagg' = true needs 'wire-dtype' = 'float32' (got {self.train.wire_dtype!r}): SecAgg+ "
+                "sends its own quantized integers"
+            )
         if sa.enabled and sa.shares < 3:
             out.append(f"'secagg-shares' must be >= 3 under SecAgg+ (got {sa.shares})")
         if sa.enabled and sa.threshold >= sa.shares:

@@ -93,14 +93,17 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     return tok
 
 
-def load_base_model(path: str | Path) -> PreTrainedModel:
-    """Load a causal LM from a local folder (float32 on CPU)."""
+def load_base_model(path: str | Path, **options: Any) -> PreTrainedModel:
+    """Load a causal LM from a local folder (float32 on CPU unless ``options`` say otherwise).
+
+    ``options`` go to ``from_pretrained`` (``dtype``, ``quantization_config``, ``device_map``).
+    """
     set_offline_env()
     from transformers import AutoModelForCausalLM
 
     _quiet_transformers()
 
-    return AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True)
+    return AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, **options)
 
 
 def lora_config(spec: LoraSpec) -> Any:

@@ -85,6 +85,12 @@ class TrainConfig:
     dp: bool = option(
         "dp", True, "record-level DP", Rule("true, or false for a non-private baseline (sites must allow it)")
     )
+    wire_dtype: str = option(
+        "wire-dtype",
+        "float32",
+        "precision of the update a site sends (rounding a DP release costs no privacy)",
+        one_of(("float32", "bfloat16", "float16")),
+    )
     seed: int = option(
         "seed",
         -1,

@@ -139,6 +139,14 @@ def simulate(
     seed: Annotated[
         int | None, typer.Option(help="TESTING ONLY: seeds the DP noise too, so the run is NOT private.")
     ] = None,
+    device: Annotated[str, typer.Option(help="Sites' [compute] device: auto, cpu, cuda, cuda:N.")] = "auto",
+    dtype: Annotated[
+        str, typer.Option(help="Sites' base weights: auto, float32, bfloat16, float16.")
+    ] = "auto",
+    quantization: Annotated[str, typer.Option(help="Sites' base model: none, nf4 (QLoRA), int8.")] = "none",
+    gradient_checkpointing: Annotated[
+        bool, typer.Option(help="Sites recompute activations in backward (less memory).")
+    ] = False,
 ) -> None:
     """Run N sites x R rounds on Flower's Simulation Engine and summarize."""
     from fedtune.simulate import resume as run_resume
@@ -194,6 +202,12 @@ def simulate(
         run_config=extra,
         on_round=on_round,
         local_only=local_only,
+        compute={
+            "device": device,
+            "dtype": dtype,
+            "quantization": quantization,
+            "gradient-checkpointing": gradient_checkpointing,
+        },
     )
     print_summary(summary, out)
 

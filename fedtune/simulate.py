@@ -16,8 +16,10 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from client.compute import ComputeSection, resolve
 from client.policy import render_policy
 from common.config import SITE_NAME
+from common.declare import parse
 from common.errors import ConfigError
 from common.fsutil import atomic_write_text
 from common.modeling import check_model_dir, set_offline_env
@@ -86,6 +88,7 @@ def prepare_run(
     non_private: bool = False,
     seeded: bool = False,
     privacy: Mapping[str, Any] | None = None,
+    compute: Mapping[str, Any] | None = None,
 ) -> list[Path]:
     """Write one policy and signing key per site under ``out/sites/<name>/``; return the policies.
 
@@ -114,6 +117,7 @@ def prepare_run(
             allow_non_private=non_private,
             allow_seeded_noise=seeded,
             privacy=privacy,
+            compute=compute,
         )
         policy = site_dir / "policy.toml"
         policy.write_text(text, encoding="utf-8")
@@ -159,11 +163,13 @@ def simulate(
     quiet: bool = True,
     local_only: bool = False,
     privacy: Mapping[str, Any] | None = None,
+    compute: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Run a simulated federation into ``out``; return the coordinator's summary.
 
     ``local_only`` runs the baseline where every site trains alone (same budget, rounds and
-    code); ``privacy`` adds ``[privacy]`` keys to every simulated site's policy;
+    code); ``privacy`` adds ``[privacy]`` keys to every simulated site's policy, ``compute`` its
+    ``[compute]`` keys (device, dtype, quantization, gradient checkpointing);
     ``run_config={"dp": False}`` the non-private baseline (the simulated sites' policies
     then allow it; a real site's policy refuses it unless its privacy office opts in).
     """
@@ -187,6 +193,7 @@ def simulate(
     ]
     if any(not ok for ok, _ in budget):
         raise ConfigError("fedtune simulate", [why for ok, why in budget if not ok])
+    plan = resolve(parse(ComputeSection, dict(compute or {}), "fedtune simulate"), where="fedtune simulate")
     model = check_model_dir(model, "--model") if model is not None else default_model()
     data = data if data is not None else default_data(sites)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -204,6 +211,7 @@ def simulate(
         non_private=not bool(cfg_in.get("dp", True)),
         seeded=int(cfg_in.get("seed", -1)) >= 0,
         privacy=privacy,
+        compute=compute,
     )
     overrides |= {"model-dir": str(model.resolve()), "sim-policies": json.dumps([str(p) for p in policies])}
     if local_only:
@@ -212,9 +220,17 @@ def simulate(
         summary_local = run_local(policies, overrides)
         collect_ledgers(out, policies)
         return summary_local
-    spec = {"sites": sites, "policies": [str(p) for p in policies], "overrides": overrides}
+    gpus = gpu_share(sites) if plan.is_cuda else 0.0
+    spec = {"sites": sites, "policies": [str(p) for p in policies], "overrides": overrides, "gpus": gpus}
     atomic_write_text(RunFolder(out).simulation, json.dumps(spec, indent=2))
-    return _run_flower(out, sites, overrides, policies, on_round=on_round, quiet=quiet)
+    return _run_flower(out, sites, overrides, policies, on_round=on_round, quiet=quiet, gpus=gpus)
+
+
+def gpu_share(sites: int) -> float:
+    """Each simulated site's share of this machine's GPUs (Ray hides GPUs from actors that ask for none)."""
+    import torch
+
+    return min(1.0, torch.cuda.device_count() / sites)
 
 
 def resume(out: Path, *, on_round: RoundCallback | None = None, quiet: bool = True) -> dict[str, Any]:
@@ -233,7 +249,8 @@ def resume(out: Path, *, on_round: RoundCallback | None = None, quiet: bool = Tr
     latest_checkpoint(out)  # fail now, naming the files, if no checkpoint verifies
     policies = [Path(p) for p in spec["policies"]]
     overrides = {**spec["overrides"], "resume": True}
-    return _run_flower(out, int(spec["sites"]), overrides, policies, on_round=on_round, quiet=quiet)
+    sites, gpus = int(spec["sites"]), float(spec.get("gpus", 0.0))
+    return _run_flower(out, sites, overrides, policies, on_round=on_round, quiet=quiet, gpus=gpus)
 
 
 def _run_flower(
@@ -244,8 +261,12 @@ def _run_flower(
     *,
     on_round: RoundCallback | None,
     quiet: bool,
+    gpus: float = 0.0,
 ) -> dict[str, Any]:
-    """Run the ServerApp and ClientApp on Flower's Simulation Engine; return the summary."""
+    """Run the ServerApp and ClientApp on Flower's Simulation Engine; return the summary.
+
+    ``gpus`` is each site's share of the GPUs (sites on CUDA); Ray then shows the GPUs to its actors.
+    """
     from flwr.simulation import run_simulation
 
     from client.client_app import build_app as build_client
@@ -256,13 +277,16 @@ def _run_flower(
     run = RunFolder(out)
     summary_path = run.summary
     summary_path.unlink(missing_ok=True)
+    init: dict[str, Any] = {"num_cpus": min(sites, os.cpu_count() or 1)}
+    if gpus:
+        init["num_gpus"] = math.ceil(gpus * sites)
     run_simulation(
         server_app=build_server(overrides, on_round=on_round),
         client_app=build_client(overrides),
         num_supernodes=sites,
         backend_config={
-            "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-            "init_args": {"num_cpus": min(sites, os.cpu_count() or 1)},
+            "client_resources": {"num_cpus": 1, "num_gpus": gpus},
+            "init_args": init,
         },
     )
     if not summary_path.is_file():

@@ -19,7 +19,7 @@ from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp import Grid
 from flwr.supercore.privacy_accounting import GaussianPrivacyEvent
 
-from common.arrays import payload_bytes, spec_of, to_record
+from common.arrays import ArraySpec, payload_bytes, spec_of, to_record
 from common.config import RunConfig, TrainRequest
 from common.errors import ConfigError
 from common.modeling import (
@@ -91,7 +91,8 @@ def run_federation(
     state = _start(cfg, dict(run_config), out, initial)
     registry = SiteRegistry(federation_file(cfg), state.names, load_site_keys(cfg.site_keys))
     update_keys = cfg.lora.update_keys(state.arrays)
-    template = {k: v for k, v in spec_of(state.arrays).items() if k in update_keys}
+    wire = cfg.train.wire_dtype  # the precision updates travel in (the global adapter stays float32)
+    template = {k: ArraySpec(v.shape, wire) for k, v in spec_of(state.arrays).items() if k in update_keys}
     site_dp = _site_dp(cfg)
     sites_expected = max(cfg.aggregation.min_train_sites, len(list(grid.get_node_ids())))
     inner, dp_wrapper = build_strategy(

@@ -30,7 +30,7 @@ from flwr.serverapp.strategy import (
 )
 from flwr.supercore.privacy_accounting import NeighboringRelation, SamplingMethod
 
-from common.arrays import ArraySpec, check_update, update_sha256
+from common.arrays import ArraySpec, check_update, to_float32, update_sha256
 from common.errors import ConfigError
 from privacy.keys import public_key_from_pem, verifier_for
 from privacy.ledger_entries import canonical_bytes, entry_hash
@@ -272,6 +272,7 @@ class Guard(Strategy):
             return "; ".join(problems)
         if row.receipt.get("update_sha256") != update_sha256(p.arrays):
             return "the update does not match the ledger receipt sent with it"
+        p.arrays = to_float32(p.arrays)  # norms and aggregation in float32, whatever the wire precision
         if rules.max_update_norm > 0 and self._global:
             norm = update_norm(p.arrays, self._global)
             row.metrics["update-norm"] = norm

@@ -110,12 +110,15 @@ def site_round(prepare: Callable[[SiteAgent, Path, ArrayRecord], dict[str, Any]]
     return run
 
 
-def rejected(change: Callable[[RecordDict], None], *, site_dp: bool = False, **reply: Any) -> Maker:
-    """A site reply the coordinator rejects: the reason logged against the site."""
+def rejected(
+    change: Callable[[RecordDict], None], *, site_dp: bool = False, wire: str = "float32", **reply: Any
+) -> Maker:
+    """A site reply the coordinator rejects (in a run whose updates travel as ``wire``): the reason logged."""
 
     def run(d: Path, model: Path) -> None:
         TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-        g = guard(site_dp=SiteLevelDP(1.0, 1.0, 1e-3) if site_dp else None, max_update_norm=100.0)
+        dp = SiteLevelDP(1.0, 1.0, 1e-3) if site_dp else None
+        g = guard(site_dp=dp, max_update_norm=100.0, wire=wire)
         g.aggregate_train(1, [edit(trained(1, **({"value": 0.1} | reply)), change)])
         raise FedtuneError("rejected: " + g.rows[0].reason)
 

@@ -17,6 +17,7 @@ from typing import Any
 from unittest import mock
 
 import torch
+from flwr.app import Array, RecordDict
 
 from client.data import load_records
 from client.faults import parse_faults
@@ -72,6 +73,21 @@ def _policy(text: str) -> Maker:
 
 
 _MINIMAL = '[data]\npath = "d.jsonl"\n[model]\npath = "m"\n'
+
+
+def _no_cuda(d: Path, model: Path) -> None:
+    with mock.patch("torch.cuda.is_available", return_value=False):
+        site(d, model, compute={"device": "cuda"}).compute()
+
+
+def _too_big(d: Path, model: Path) -> None:
+    site(d, model, compute={"max-memory-gb": 0.0001}).compute()
+
+
+def _mislabelled(c: RecordDict) -> None:
+    arrays = c.array_records["arrays"]
+    for key, arr in list(arrays.items()):
+        arrays[key] = Array("bfloat16", arr.shape, arr.stype, arr.data)
 
 
 def _full_disk(d: Path, model: Path) -> None:
@@ -221,6 +237,18 @@ CASES: list[tuple[str, str, Maker]] = [
         ),
     ),
     (
+        "site policy",
+        "[compute] device and quantization misspelt",
+        _policy('[site]\nname = "a"\n' + _MINIMAL + '[compute]\ndevice = "gpu"\nquantization = "4bit"\n'),
+    ),
+    ("site policy", "[compute] device = 'cuda' on a machine without CUDA", _no_cuda),
+    ("site policy", "[compute] a base model larger than max-memory-gb", _too_big),
+    (
+        "run config",
+        "wire-dtype bfloat16 under SecAgg+",
+        lambda d, m: RunConfig.from_flower({"secagg": True, "wire-dtype": "bfloat16", "min-train-sites": 3}),
+    ),
+    (
         "run config",
         "three bad keys at once",
         lambda d, m: RunConfig.from_flower(
@@ -290,6 +318,11 @@ CASES: list[tuple[str, str, Maker]] = [
     ("ledger", "head record deleted", site_round(_head_gone)),
     ("ledger", "ledger and head wiped; the coordinator remembers", site_round(_wiped)),
     ("reply", "an extra metric key", rejected(metric("my-metric", 1.0))),
+    (
+        "reply",
+        "float32 bytes sent under the name bfloat16 (wire-dtype bfloat16)",
+        rejected(_mislabelled, wire="bfloat16"),
+    ),
     ("reply", "a second MetricRecord", rejected(second_metric_record)),
     ("reply", "a NaN metric", rejected(metric("train-loss", float("nan")))),
     ("reply", "site-weight 2 (site-level DP)", rejected(metric("site-weight", 2.0), site_dp=True)),

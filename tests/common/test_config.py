@@ -133,6 +133,12 @@ def test_cross_key_rules_are_checked_with_the_rest() -> None:
     assert len(err.value.problems) == 4  # ffa + site-dp, site-dp + robust, secagg + robust, secagg + site-dp
 
 
+def test_secagg_needs_float32_on_the_wire() -> None:
+    with pytest.raises(ConfigError, match="'secagg' = true needs 'wire-dtype' = 'float32'"):
+        RunConfig.from_flower({"secagg": True, "wire-dtype": "bfloat16", "min-train-sites": 3})
+    assert RunConfig.from_flower({"wire-dtype": "float16"}).train.wire_dtype == "float16"
+
+
 def test_train_request_round_trips_through_a_config_record() -> None:
     cfg = RunConfig.from_flower({"lora-targets": "q_proj, v_proj", "local-steps": 7})
     req = TrainRequest.build(cfg, server_round=2, run_id="abc", fingerprint="f" * 64)

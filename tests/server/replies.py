@@ -10,7 +10,7 @@ from flwr.app import ArrayRecord, Error, Message, RecordDict
 
 from client.client_app import reply_records
 from client.site import RoundOutcome
-from common.arrays import spec_of, to_record, update_sha256
+from common.arrays import ArraySpec, spec_of, to_record, update_sha256
 from privacy.ledger_entries import GENESIS_HASH, canonical_bytes, entry_hash
 from server.registry import SiteRegistry
 from server.strategy import Guard, UpdateRules, build_strategy
@@ -118,15 +118,23 @@ def guard(
     site_dp: Any = None,
     sites: int = 3,
     registry: SiteRegistry | None = None,
+    wire: str = "float32",
     **rules: Any,
 ) -> Guard:
-    """A triage wrapper over Flower's strategy, as the coordinator builds it, before round 1."""
+    """A triage wrapper over Flower's strategy, as the coordinator builds it, before round 1.
+
+    ``wire`` is the run's ``wire-dtype``: the precision the updates must arrive in.
+    """
     inner, _ = build_strategy(
         min_sites=1, fraction_train=1.0, sites_expected=sites, site_dp=site_dp, aggregation=aggregation
     )
     g = Guard(
         inner,
-        UpdateRules(spec_of(to_record(TEMPLATE)), RUN, **({"max_weight_share": 1.0} | rules)),
+        UpdateRules(
+            {k: ArraySpec(v.shape, wire) for k, v in spec_of(to_record(TEMPLATE)).items()},
+            RUN,
+            **({"max_weight_share": 1.0} | rules),
+        ),
         registry or SiteRegistry(None, {}, {}),
         equal_weights=site_dp is not None,
     )

@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from flwr.app import ConfigRecord, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from common.arrays import to_record
+from common.arrays import encode, to_record
 from common.errors import ConfigError
 from privacy.keys import generate_keypair, load_signing_key
 from server.registry import SiteRegistry
@@ -55,6 +55,30 @@ def test_only_valid_updates_are_averaged() -> None:
     assert status["s6"] == ("refused", "privacy budget exhausted")
     assert status["node-7"] == ("failed", "data.jsonl:3: not valid JSON")
     assert status["s8"] == ("rejected", "the update does not match the ledger receipt sent with it")
+
+
+def test_updates_in_a_16_bit_wire_dtype_are_checked_then_averaged_in_float32() -> None:
+    def state(value: float) -> dict[str, torch.Tensor]:
+        return {k: torch.full_like(v, value) for k, v in TEMPLATE.items()}
+
+    liar = encode(state(2.0), "float32")  # float32 bytes under the name bfloat16
+    forged = ArrayRecord({k: Array("bfloat16", a.shape, a.stype, a.data) for k, a in liar.items()})
+    replies = [
+        trained(1, arrays=encode(state(1.0), "bfloat16"), n=10),
+        trained(2, arrays=encode(state(4.0), "bfloat16"), n=30),
+        trained(3, arrays=encode(state(2.0), "float32")),
+        trained(4, arrays=forged),
+    ]
+    g = guard(wire="bfloat16")
+    arrays, _ = g.aggregate_train(1, replies)
+    assert arrays is not None
+    for a in arrays.values():
+        assert a.dtype == "float32"
+        np.testing.assert_allclose(a.numpy(), 3.25)  # 1.0 and 4.0 are exact in bfloat16
+    status = rows(g)
+    assert status["s1"][0] == status["s2"][0] == "trained"
+    assert status["s3"][0] == "rejected" and "dtype float32, expected bfloat16" in status["s3"][1]
+    assert status["s4"][0] == "rejected" and "not the bfloat16 (2, 4) it declares" in status["s4"][1]
 
 
 def test_no_valid_update_keeps_global_model() -> None:
