@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
@@ -31,8 +31,8 @@ from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 from flwr.compat.common import recorddict_compat as compat
 
-from client.policy import load_policy
-from client.site import RoundOutcome, SiteAgent, get_agent
+from client.outcome import RoundOutcome
+from client.worker import WorkerClient
 from common.config import NodeConfig, TrainRequest
 from common.errors import ConfigError, FedtuneError, PolicyViolationError
 from common.modeling import set_offline_env
@@ -45,9 +45,16 @@ SECAGG_KEYS = "secagg-keys"
 TrainFn = Callable[[ArrayRecord, Mapping[str, Any]], RoundOutcome]
 
 
-def _agent(context: Context, overrides: Mapping[str, Any]) -> SiteAgent:
+def _node(context: Context, overrides: Mapping[str, Any]) -> NodeConfig:
     sim = {**context.run_config, **overrides}.get("sim-policies", "")
-    node = NodeConfig.from_flower(context.node_config, sim if isinstance(sim, str) else "")
+    return NodeConfig.from_flower(context.node_config, sim if isinstance(sim, str) else "")
+
+
+def _agent(node: NodeConfig) -> Any:
+    """The in-process site agent (imported here: a ClientApp that forwards to a worker stays light)."""
+    from client.policy import load_policy
+    from client.site import get_agent
+
     return get_agent(load_policy(node.policy))
 
 
@@ -79,7 +86,10 @@ def handle_train(msg: Message, context: Context, overrides: Mapping[str, Any]) -
     """Train one round at this site, or refuse with the reason."""
 
     def train(arrays: ArrayRecord, request: Mapping[str, Any]) -> RoundOutcome:
-        return _agent(context, overrides).train_round(arrays, request)
+        node = _node(context, overrides)
+        if node.worker:
+            return WorkerClient(node.worker).train(arrays, request)
+        return cast(RoundOutcome, _agent(node).train_round(arrays, request))
 
     return train_reply(msg, context, train)
 
@@ -170,20 +180,24 @@ def legacy_fit(content: RecordDict, train: TrainFn) -> RecordDict:
 def handle_evaluate(msg: Message, context: Context, overrides: Mapping[str, Any]) -> Message:
     """Held-out loss of the global adapter at this site."""
     try:
-        agent = _agent(context, overrides)
+        node = _node(context, overrides)
         config, arrays = msg.content.config_records.get("config"), msg.content.array_records.get("arrays")
         if config is None or arrays is None:
             raise PolicyViolationError(
                 "the coordinator's evaluate message lacks its 'config' or 'arrays' record"
             )
-        loss, n = agent.evaluate(arrays, dict(config))
+        if node.worker:
+            loss, n, name = WorkerClient(node.worker).evaluate(arrays, dict(config))
+        else:
+            agent = _agent(node)
+            (loss, n), name = agent.evaluate(arrays, dict(config)), agent.policy.name
     except FedtuneError as exc:
         return _error(msg, exc)
     return Message(
         RecordDict(
             {
                 "metrics": MetricRecord({"eval-loss": loss, "num-examples": n}),
-                "site": ConfigRecord({"name": agent.policy.name, "status": "evaluated"}),
+                "site": ConfigRecord({"name": name, "status": "evaluated"}),
             }
         ),
         reply_to=msg,

@@ -26,8 +26,8 @@ import logging
 import math
 import os
 import shutil
+from collections import Counter
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -37,6 +37,7 @@ from flwr.app import ArrayRecord
 from client import faults
 from client.compute import Compute, check_fit, load_base, prepare_for_dp, resolve
 from client.data import SiteData, load_site_data, tokenize
+from client.outcome import RoundOutcome
 from client.policy import SitePolicy
 from client.train import DPPlan, TrainStep, evaluate_loss, train_dp
 from common.arrays import check_update, decode, encode, spec_of, to_record, to_state, update_sha256
@@ -60,21 +61,6 @@ MIN_FREE_BYTES = 64 * 2**20  # below this the state dir's disk counts as full
 REFUSALS = (PolicyViolationError, BudgetExceededError, ConfigError)
 
 
-@dataclass
-class RoundOutcome:
-    """A site's answer to one training request; ``receipt`` is the ledger entry that answered it."""
-
-    site: str
-    trained: bool
-    reason: str = ""
-    arrays: ArrayRecord | None = None
-    num_examples: int = 0
-    metrics: dict[str, float] = field(default_factory=dict)
-    scrub_counts: dict[str, int] = field(default_factory=dict)
-    receipt: dict[str, Any] = field(default_factory=dict)
-    public_key: str = ""
-
-
 class SiteAgent:
     """One site's long-lived state in a process (policy, key, ledger, data, model)."""
 
@@ -95,6 +81,7 @@ class SiteAgent:
         self._tokenizer: Any = None
         self._fingerprint: str | None = None
         self._compute: Compute | None = None
+        self.loads: Counter[str] = Counter()  # what this process loaded, and how often (site worker stats)
         self._tensors: dict[int, tuple[torch.Tensor, ...]] = {}
 
     # ---------------------------------------------------------------- setup (cached)
@@ -143,12 +130,14 @@ class SiteAgent:
         if self._data is None:
             self.check_state_dir()
             self._data = load_site_data(self.policy)
+            self.loads["data"] += 1
         return self._data
 
     def model_fingerprint(self) -> str:
         """Fingerprint of the site's local base model."""
         if self._fingerprint is None:
             self._fingerprint = model_fingerprint(self.policy.model_path)
+            self.loads["weight-hash"] += 1
         return self._fingerprint
 
     def compute(self) -> Compute:
@@ -165,6 +154,7 @@ class SiteAgent:
         if self._model is None or self._lora != lora:
             self._model = None  # the old model's memory goes before the new one loads
             base = load_base(self.policy.model_path, self.compute())
+            self.loads["model"] += 1
             try:
                 with torch.random.fork_rng():
                     self._model = prepare_for_dp(make_peft_model(base, lora), self.compute())
@@ -186,6 +176,7 @@ class SiteAgent:
                 *tokenize(d.train, self._tokenizer, max_len),
                 *tokenize(d.eval, self._tokenizer, max_len),
             )
+            self.loads["tokenize"] += 1
         return self._tensors[max_len]
 
     # ---------------------------------------------------------------- step 3: the request vs the site

@@ -240,18 +240,22 @@ class TrainRequest:
 
 @dataclass(frozen=True)
 class NodeConfig:
-    """A SuperNode's ``node_config``: which site policy this node runs."""
+    """A SuperNode's ``node_config``: the site policy it runs, or the site worker it hands rounds to."""
 
     policy: str
+    worker: str = ""
 
     @classmethod
     def from_flower(cls, node_config: Mapping[str, Any], sim_policies: str = "") -> NodeConfig:
         """Resolve the site policy path.
 
-        A deployed SuperNode sets ``policy`` in its ``--node-config``. In simulation the
+        A deployed SuperNode sets ``policy`` (or ``worker``: the socket of ``fedtune site serve``) in
+        its ``--node-config``. In simulation the
         node has only ``partition-id``; the run config's ``sim-policies`` maps it to a policy.
         """
-        policy = node_config.get("policy")
+        policy, worker = node_config.get("policy"), node_config.get("worker")
+        if isinstance(worker, str) and worker:  # `fedtune site serve` holds the policy and everything else
+            return cls(policy=policy if isinstance(policy, str) else "", worker=worker)
         if isinstance(policy, str) and policy:
             return cls(policy=policy)
         pid = node_config.get("partition-id")

@@ -20,14 +20,14 @@ from common.errors import FedtuneError
 audit_app = typer.Typer(
     no_args_is_help=True, help="Verify privacy ledgers offline and write evidence reports."
 )
-site_app = typer.Typer(no_args_is_help=True, help="Site administration: ledger signing keys.")
+site_app = typer.Typer(no_args_is_help=True, help="Site administration: ledger keys, the site worker.")
 console = Console(highlight=False, soft_wrap=True)
 err_console = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 @site_app.callback()
 def _site() -> None:
-    """Site administration: ledger signing keys."""
+    """Site administration: ledger signing keys, the site worker."""
 
 
 def _fail(exc: FedtuneError) -> typer.Exit:
@@ -189,3 +189,25 @@ def keygen(
     console.print(f"private key: {private} (mode 600{', encrypted' if passphrase else ''}; never share it)")
     console.print(f"public key:  {public} (give this to auditors)")
     console.print(f"fingerprint: {public_key_fingerprint(public)}")
+
+
+@site_app.command("serve")
+def serve(
+    policy: Annotated[Path, typer.Argument(help="The site policy.")],
+    socket: Annotated[
+        Path | None, typer.Option(help="The worker's Unix socket (default: <state-dir>/worker.sock).")
+    ] = None,
+) -> None:
+    """Keep this site's model, data and ledger warm in one process; the SuperNode hands it each round.
+
+    Start the SuperNode with ``--node-config "worker='SOCKET'"`` (deploy/start-supernode.sh --worker).
+    """
+    import logging
+
+    from client.worker import serve as run_worker
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    try:
+        run_worker(policy, socket)
+    except FedtuneError as exc:
+        raise _fail(exc) from None

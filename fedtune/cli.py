@@ -27,7 +27,7 @@ app.add_typer(data_app, name="data")
 console = Console()
 app.command("scrub")(scrub)
 app.add_typer(audit_app, name="audit", help="Offline verification and evidence for the privacy office.")
-app.add_typer(site_app, name="site", help="Site set-up: ledger signing keys.")
+app.add_typer(site_app, name="site", help="Site set-up: ledger signing keys, the site worker.")
 app.add_typer(deploy_app, name="deploy", help="Provision a real federation: CA, TLS, node and ledger keys.")
 
 

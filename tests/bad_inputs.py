@@ -17,7 +17,7 @@ from typing import Any
 from unittest import mock
 
 import torch
-from flwr.app import Array, RecordDict
+from flwr.app import Array, ArrayRecord, RecordDict
 
 from client.data import load_records
 from client.faults import parse_faults
@@ -88,6 +88,12 @@ def _mislabelled(c: RecordDict) -> None:
     arrays = c.array_records["arrays"]
     for key, arr in list(arrays.items()):
         arrays[key] = Array("bfloat16", arr.shape, arr.stype, arr.data)
+
+
+def _no_worker(d: Path, model: Path) -> None:
+    from client.worker import WorkerClient
+
+    WorkerClient(d / "site.sock").train(ArrayRecord(), {})
 
 
 def _full_disk(d: Path, model: Path) -> None:
@@ -378,6 +384,12 @@ CASES: list[tuple[str, str, Maker]] = [
     ("resume", "run config changed", _drift),
     ("fault drill", "bad FEDTUNE_FAULTS", lambda d, m: parse_faults("h1:explode")),
     ("CLI", "simulate --max-epsilon 1e400", cli("simulate", "--out", "{d}/run", "--max-epsilon", "1e400")),
+    (
+        "CLI",
+        "simulate --quantization nf8 (before anything is written)",
+        cli("simulate", "--out", "{d}/run", "--quantization", "nf8"),
+    ),
+    ("node config", "worker set but no site worker running", _no_worker),
     (
         "CLI",
         "simulate --run-config with a typo (before Ray starts)",

@@ -23,6 +23,7 @@ class Site:
         root.mkdir(parents=True, exist_ok=True)
         self.write_policy(**policy)
         self.fingerprint = model_fingerprint(model)
+        self.node_config: dict[str, Any] = {"policy": str(self.policy)}  # or {"worker": SOCKET}
 
     def write_policy(self, **kw: Any) -> None:
         self.policy.write_text(render_policy(name="s1", data_path=self.data, model_path=self.model, **kw))
@@ -60,7 +61,7 @@ class Site:
             message_type="train",
         )
         context = Context(
-            run_id=1, node_id=1, node_config={"policy": str(self.policy)}, state=RecordDict(), run_config={}
+            run_id=1, node_id=1, node_config=dict(self.node_config), state=RecordDict(), run_config={}
         )
         return handle_train(msg, context, {})
 

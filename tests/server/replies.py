@@ -9,7 +9,7 @@ import torch
 from flwr.app import ArrayRecord, Error, Message, RecordDict
 
 from client.client_app import reply_records
-from client.site import RoundOutcome
+from client.outcome import RoundOutcome
 from common.arrays import ArraySpec, spec_of, to_record, update_sha256
 from privacy.ledger_entries import GENESIS_HASH, canonical_bytes, entry_hash
 from server.registry import SiteRegistry

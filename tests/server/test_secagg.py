@@ -26,7 +26,7 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.supercore.task_identity import TaskIdentity
 
 from client.client_app import is_secagg, train_reply
-from client.site import RoundOutcome
+from client.outcome import RoundOutcome
 from common.arrays import update_sha256
 from common.config import RunConfig, TrainRequest
 from common.errors import ConfigError, FedtuneError
