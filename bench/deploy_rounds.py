@@ -11,7 +11,8 @@ embedded default with ``flwr run``, and read each round's wall time from the coo
 (imports torch, Opacus and Presidio, hashes the weights, loads the model, tokenizes). Mode ``worker``:
 each site runs ``fedtune site serve`` and its SuperNode hands rounds over (``--worker``). The same
 training in Flower's Simulation Engine (one long-lived process per site) is the reference: the
-framework overhead of a round is ``1 - simulation round / deployment round``. Every process is
+framework overhead of a round is ``1 - simulation round / deployment round``. Each site process uses
+one thread (``OMP_NUM_THREADS=1``), as a simulated site's Ray actor does. Every process is
 stopped by PID at the end. The last line is ``overhead_in_process=<x> overhead_worker=<y>`` for the
 later rounds (2..N).
 """
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -40,6 +42,15 @@ def _round_times(run: Path) -> list[float]:
     return [b - a for a, b in zip([0.0, *times], times, strict=False)]
 
 
+WORKER_SECONDS: list[float] = []
+
+
+def _worker_seconds(log: str) -> list[float]:
+    """A worker's answer times grouped per round (train then evaluate: two answers a round)."""
+    answers = [float(m) for m in re.findall(r"answered in ([0-9.]+) s", log)]
+    return [sum(answers[i : i + 2]) for i in range(0, len(answers), 2)]
+
+
 def deployment(work: Path, model: Path, data: Path, rounds: int, worker: bool) -> list[float]:
     """Round times of one deployed run (TLS, node auth, 2 sites)."""
     from fedtune.deploy_cli import provision_federation
@@ -51,6 +62,7 @@ def deployment(work: Path, model: Path, data: Path, rounds: int, worker: bool) -
     )
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     env.pop("FLWR_HOME", None)
+    env["OMP_NUM_THREADS"] = "1"  # one core per site, as the simulation's Ray actors (2 sites share 2 cores)
     (work / "logs").mkdir()
     procs = Procs(work / "logs", env)
     try:
@@ -86,7 +98,13 @@ def deployment(work: Path, model: Path, data: Path, rounds: int, worker: bool) -
         )  # fmt: skip
         if r.returncode:
             raise SystemExit(f"flwr run failed:\n{(r.stdout + r.stderr)[-3000:]}")
-        return _round_times(out)
+        times = _round_times(out)
+        if worker:  # seconds the workers spent answering, per round (the slower site's)
+            spent = [_worker_seconds(procs.log(f"{name}-worker")) for name in names]
+            inside = [max(pair) for pair in zip(*spent, strict=False)]
+            print(f"inside the site workers per round: {[round(x, 2) for x in inside]}", flush=True)
+            WORKER_SECONDS.extend(inside)
+        return times
     finally:
         left = procs.stop_all()
         if left:
@@ -128,6 +146,13 @@ def main(argv: list[str] | None = None) -> int:
         overhead[mode] = 1 - ref / later if mode != "simulation" else 0.0
         shown = "reference" if mode == "simulation" else f"{overhead[mode]:.0%}"
         print(f"| {mode} | {times[0]:.1f} | {later:.1f} | {shown} |")
+    if WORKER_SECONDS:
+        inside = statistics.median(WORKER_SECONDS[1:])
+        later = statistics.median(rows["worker"][1:])
+        print(
+            f"\nworker mode, later rounds: {inside:.1f} s answering in the site workers, "
+            f"{later - inside:.1f} s in Flower's messaging (SuperNode polling, a process per message)"
+        )
     print(f"\n(total {time.perf_counter() - t0:.0f} s, work folder {work})")
     print(
         " ".join(f"overhead_{m.replace('-', '_')}={v:.2f}" for m, v in overhead.items() if m != "simulation")

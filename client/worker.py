@@ -24,6 +24,7 @@ import os
 import secrets
 import signal
 import struct
+import time
 from collections.abc import Mapping
 from multiprocessing import AuthenticationError
 from multiprocessing.connection import Client, Listener
@@ -195,7 +196,10 @@ def serve(policy_path: str | Path, socket: str | Path | None = None) -> None:
             with conn:
                 try:
                     frame = conn.recv_bytes(MAX_FRAME)
-                    conn.send_bytes(handle(policy_file, frame))
+                    start = time.perf_counter()
+                    answer = handle(policy_file, frame)
+                    log.info("site worker: answered in %.2f s", time.perf_counter() - start)
+                    conn.send_bytes(answer)
                 except (OSError, EOFError) as exc:
                     log.warning("site worker: the ClientApp went away (%s)", exc)
     finally:

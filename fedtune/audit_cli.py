@@ -206,7 +206,7 @@ def serve(
 
     from client.worker import serve as run_worker
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", force=True)
     try:
         run_worker(policy, socket)
     except FedtuneError as exc:

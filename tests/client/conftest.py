@@ -20,6 +20,15 @@ from tests.client.hostile import Site
 LORA = LoraSpec(rank=4, alpha=8, targets="q_proj,v_proj")
 
 
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """One intra-op thread: micro-model steps are tiny, and a shared 2-core box thrashes with two."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(autouse=True)
 def message_identity() -> Iterator[None]:
     """Flower needs a task identity to build messages outside a ServerApp."""

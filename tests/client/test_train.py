@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Iterator
 from typing import cast
 
 import pytest
@@ -25,13 +24,7 @@ from common.modeling import make_peft_model
 SEQ = 24
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """One intra-op thread: micro-model steps are tiny, and a shared 2-core box thrashes with two."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _lora_model() -> torch.nn.Module:
