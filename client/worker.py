@@ -5,8 +5,9 @@ round re-imports torch, Opacus and Presidio, re-hashes the base weights, reloads
 re-tokenizes the data. ``fedtune site serve POLICY`` starts this worker instead: it loads everything
 once (:meth:`client.site.SiteAgent.setup`) and answers each round handed over by the SuperNode's
 ClientApp (node config ``worker = "<socket>"``), which then only forwards messages and imports
-nothing heavy. The worker also owns the GPU, the data and the ledger: the code the coordinator ships
-never opens the site's records.
+nothing heavy. The worker also owns the GPU, the data and the ledger; run it as the user that owns
+them and the SuperNode as another user in the worker's ``--group``, and the code the coordinator ships
+can reach the socket but never open the site's records.
 
 The channel is the standard library's ``multiprocessing.connection`` over a Unix socket, with its
 HMAC challenge on a 32-byte key the worker writes beside the socket (mode 0600). Only bytes cross it
@@ -36,7 +37,7 @@ from flwr.app import Array, ArrayRecord
 from client.outcome import RoundOutcome
 from common.errors import ConfigError, FedtuneError
 
-__all__ = ["WorkerClient", "decode_frame", "encode_frame", "key_path", "serve"]
+__all__ = ["WorkerClient", "decode_frame", "encode_frame", "key_path", "serve", "share_with_group"]
 
 log = logging.getLogger(__name__)
 MAX_FRAME = 2**34  # 16 GiB: far above any adapter; a longer frame is refused unread
@@ -151,8 +152,28 @@ def handle(policy_path: Path, frame: bytes) -> bytes:
         return encode_frame({"ok": False, "kind": "crash", "error": f"{type(exc).__name__}: {exc}"})
 
 
-def serve(policy_path: str | Path, socket: str | Path | None = None) -> None:
-    """Load the site once, then answer the SuperNode's rounds on ``socket`` until SIGTERM / SIGINT."""
+def share_with_group(socket: Path, group: str) -> None:
+    """Let ``group`` (the SuperNode's user) reach the worker: socket 0660, key 0640, both in ``group``."""
+    import grp
+
+    try:
+        gid = grp.getgrnam(group).gr_gid
+    except KeyError:
+        raise ConfigError(
+            "--group", [f"no group named {group!r} on this machine: create it or name another"]
+        ) from None
+    for path, mode in ((socket, 0o660), (key_path(socket), 0o640)):
+        os.chown(path, -1, gid)
+        os.chmod(path, mode)
+
+
+def serve(policy_path: str | Path, socket: str | Path | None = None, *, group: str = "") -> None:
+    """Load the site once, then answer the SuperNode's rounds on ``socket`` until SIGTERM / SIGINT.
+
+    ``group``: run the worker as the user that owns the data, state and keys, and the SuperNode as
+    another user in ``group``; the coordinator's ClientApp then reaches the socket but not the records.
+    Without it both must run as one user (socket and key 0600).
+    """
     from client.policy import load_policy
     from client.site import get_agent
 
@@ -184,6 +205,8 @@ def serve(policy_path: str | Path, socket: str | Path | None = None) -> None:
         listener = Listener(str(sock), family="AF_UNIX", authkey=key)
     finally:
         os.umask(old)
+    if group:
+        share_with_group(sock, group)
     log.info("site %s worker ready on %s (pid %d)", policy.name, sock, os.getpid())
     print(f"site worker ready: {sock}", flush=True)
     try:

@@ -197,6 +197,9 @@ def serve(
     socket: Annotated[
         Path | None, typer.Option(help="The worker's Unix socket (default: <state-dir>/worker.sock).")
     ] = None,
+    group: Annotated[
+        str, typer.Option(help="The SuperNode user's group: it may reach the socket, not the data.")
+    ] = "",
 ) -> None:
     """Keep this site's model, data and ledger warm in one process; the SuperNode hands it each round.
 
@@ -208,6 +211,6 @@ def serve(
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", force=True)
     try:
-        run_worker(policy, socket)
+        run_worker(policy, socket, group=group)
     except FedtuneError as exc:
         raise _fail(exc) from None

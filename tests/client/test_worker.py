@@ -19,7 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from client.client_app import handle_evaluate
-from client.worker import WorkerClient, decode_frame, encode_frame, key_path
+from client.worker import WorkerClient, decode_frame, encode_frame, key_path, share_with_group
 from common.errors import ConfigError
 from tests.client.hostile import Site, reason, status
 
@@ -104,6 +104,22 @@ def test_garbage_and_wrong_keys_do_not_stop_the_worker(
     assert WorkerClient(sock).stats()["pid"] > 0  # still serving
     with pytest.raises(ConfigError, match="no site worker is running: start it with `fedtune site serve"):
         WorkerClient(tmp_path / "none.sock").stats()
+
+
+def test_the_socket_and_key_can_be_shared_with_the_supernodes_group(tmp_path: Path) -> None:
+    import grp
+
+    sock = tmp_path / "w.sock"
+    sock.write_bytes(b"")
+    key_path(sock).write_bytes(b"k")
+    for p in (sock, key_path(sock)):
+        p.chmod(0o600)
+    group = grp.getgrgid(os.getgid()).gr_name
+    share_with_group(sock, group)
+    assert (sock.stat().st_mode & 0o777, key_path(sock).stat().st_mode & 0o777) == (0o660, 0o640)
+    assert sock.stat().st_gid == os.getgid()
+    with pytest.raises(ConfigError, match="no group named 'no-such-group-x'"):
+        share_with_group(sock, "no-such-group-x")
 
 
 _VALUES = st.recursive(
