@@ -242,8 +242,15 @@ class TrainRequest:
 class NodeConfig:
     """A SuperNode's ``node_config``: the site policy it runs, or the site worker it hands rounds to."""
 
-    policy: str
-    worker: str = ""
+    policy: str = option(
+        "policy", "", "the site policy this SuperNode runs", Rule("the policy file's absolute path")
+    )
+    worker: str = option(
+        "worker",
+        "",
+        "hand every round to the site worker (keeps model and data warm)",
+        Rule("the socket of `fedtune site serve`, or '' (the agent runs in each ClientApp process)"),
+    )
 
     @classmethod
     def from_flower(cls, node_config: Mapping[str, Any], sim_policies: str = "") -> NodeConfig:

@@ -10,7 +10,15 @@ from __future__ import annotations
 import sys
 
 from client.policy import SECTIONS
-from common.config import AggregationConfig, LoraConfig, RunConfig, SecAggConfig, SiteDPConfig, TrainConfig
+from common.config import (
+    AggregationConfig,
+    LoraConfig,
+    NodeConfig,
+    RunConfig,
+    SecAggConfig,
+    SiteDPConfig,
+    TrainConfig,
+)
 from common.declare import markdown_table
 
 INTRO = """# Configuration reference
@@ -53,6 +61,10 @@ def render() -> str:
         "A train request (what a site receives each round) carries the LoRA and Training keys above, plus "
         "`server-round`, `num-rounds`, `run-id`, `base-model-fingerprint`, and `ledger-seq` / `ledger-hash` "
         "(the last entry of the site's ledger the coordinator saw).\n"
+    )
+    parts.append(
+        "## Node config (`flower-supernode --node-config \"policy='...' worker='...'\"`)\n\n"
+        f"{markdown_table(NodeConfig)}"
     )
     parts.append("## Site policy (TOML; relative paths resolve against the policy file)\n")
     for name, cls in SECTIONS.items():
