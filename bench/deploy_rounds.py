@@ -42,17 +42,17 @@ def _round_times(run: Path) -> list[float]:
     return [b - a for a, b in zip([0.0, *times], times, strict=False)]
 
 
-WORKER_SECONDS: list[float] = []
-
-
 def _worker_seconds(log: str) -> list[float]:
     """A worker's answer times grouped per round (train then evaluate: two answers a round)."""
     answers = [float(m) for m in re.findall(r"answered in ([0-9.]+) s", log)]
     return [sum(answers[i : i + 2]) for i in range(0, len(answers), 2)]
 
 
-def deployment(work: Path, model: Path, data: Path, rounds: int, worker: bool) -> list[float]:
-    """Round times of one deployed run (TLS, node auth, 2 sites)."""
+def deployment(
+    work: Path, model: Path, data: Path, rounds: int, worker: bool
+) -> tuple[list[float], list[float]]:
+    """Round times of one deployed run (TLS, node auth, 2 sites), and per round the seconds the
+    slower site's worker spent answering (empty without workers)."""
     from fedtune.deploy_cli import provision_federation
 
     names = sorted(p.stem for p in data.glob("*.jsonl"))[:2]
@@ -98,13 +98,9 @@ def deployment(work: Path, model: Path, data: Path, rounds: int, worker: bool) -
         )  # fmt: skip
         if r.returncode:
             raise SystemExit(f"flwr run failed:\n{(r.stdout + r.stderr)[-3000:]}")
-        times = _round_times(out)
-        if worker:  # seconds the workers spent answering, per round (the slower site's)
-            spent = [_worker_seconds(procs.log(f"{name}-worker")) for name in names]
-            inside = [max(pair) for pair in zip(*spent, strict=False)]
-            print(f"inside the site workers per round: {[round(x, 2) for x in inside]}", flush=True)
-            WORKER_SECONDS.extend(inside)
-        return times
+        spent = [_worker_seconds(procs.log(f"{name}-worker")) for name in names] if worker else []
+        inside = [max(pair) for pair in zip(*spent, strict=False)]
+        return _round_times(out), inside
     finally:
         left = procs.stop_all()
         if left:
@@ -134,9 +130,11 @@ def main(argv: list[str] | None = None) -> int:
     write_synthetic_sites(data, sites=2, records_per_site=120, seed=1)
     t0 = time.perf_counter()
     rows = {"simulation": simulation(work / "s", model, data, args.rounds)}
+    inside: list[float] = []
     for mode in args.modes.split(","):
         (work / mode).mkdir()
-        rows[mode] = deployment(work / mode, model, data, args.rounds, worker=mode == "worker")
+        rows[mode], answering = deployment(work / mode, model, data, args.rounds, worker=mode == "worker")
+        inside = answering or inside
     ref = statistics.median(rows["simulation"][1:])
     print("\n| engine / site | round 1 s | later rounds s (median) | overhead of a later round |")
     print("|---|---|---|---|")
@@ -146,12 +144,11 @@ def main(argv: list[str] | None = None) -> int:
         overhead[mode] = 1 - ref / later if mode != "simulation" else 0.0
         shown = "reference" if mode == "simulation" else f"{overhead[mode]:.0%}"
         print(f"| {mode} | {times[0]:.1f} | {later:.1f} | {shown} |")
-    if WORKER_SECONDS:
-        inside = statistics.median(WORKER_SECONDS[1:])
-        later = statistics.median(rows["worker"][1:])
+    if inside:
+        answer, later = statistics.median(inside[1:]), statistics.median(rows["worker"][1:])
         print(
-            f"\nworker mode, later rounds: {inside:.1f} s answering in the site workers, "
-            f"{later - inside:.1f} s in Flower's messaging (SuperNode polling, a process per message)"
+            f"\nworker mode, later rounds: {answer:.1f} s answering in the site workers, "
+            f"{later - answer:.1f} s in Flower's messaging (SuperNode polling, a process per message)"
         )
     print(f"\n(total {time.perf_counter() - t0:.0f} s, work folder {work})")
     print(

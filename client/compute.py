@@ -16,7 +16,6 @@ that left a LoRA tensor without per-record gradients, so a future change cannot 
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -146,12 +145,13 @@ def _check_bitsandbytes(device: str, where: str) -> None:
 
 def _parameter_count(path: Path) -> int:
     """Parameters of the model in ``path``, from its safetensors headers (nothing is loaded)."""
+    from safetensors import safe_open
+
     total = 0
     for file in sorted(path.glob("*.safetensors")):
-        with file.open("rb") as fh:
-            size = int.from_bytes(fh.read(8), "little")
-            header = json.loads(fh.read(size))
-        total += sum(math.prod(v["shape"]) for k, v in header.items() if k != "__metadata__")
+        with safe_open(str(file), framework="pt") as weights:
+            names = weights.keys()  # a safe_open handle is not iterable
+            total += sum(math.prod(weights.get_slice(k).get_shape()) for k in names)
     if total == 0:  # .bin checkpoints: count from the bytes, assuming float32
         total = sum(f.stat().st_size for f in path.glob("*.bin")) // 4
     return total
