@@ -9,15 +9,17 @@ wire array back into float32 and refuses one whose content does not match what i
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord
 
 WIRE_DTYPES = ("float32", "bfloat16", "float16")
-_NUMPY_OF = {
+_NUMPY_OF: dict[str, np.dtype[Any]] = {
     "float32": np.dtype(np.float32),
     "float16": np.dtype(np.float16),
     "bfloat16": np.dtype(np.uint16),
@@ -57,10 +59,15 @@ def decode(arr: Array) -> np.ndarray:
     want = _NUMPY_OF.get(arr.dtype)
     if want is None:
         raise ValueError(f"dtype {arr.dtype} is not a wire dtype ({', '.join(WIRE_DTYPES)})")
+    size = math.prod(arr.shape) * want.itemsize
+    if len(arr.data) < size:  # refused before numpy reads (or allocates for) a shape the bytes lack
+        raise ValueError(
+            f"declares {arr.dtype} {tuple(arr.shape)} ({size} bytes) but carries {len(arr.data)} bytes"
+        )
     try:
         values = arr.numpy()
-    except (ValueError, TypeError, OSError) as exc:
-        raise ValueError(f"unreadable array data ({exc})") from None
+    except Exception as exc:  # numpy parses bytes a hostile site chose: any failure means malformed
+        raise ValueError(f"unreadable array data ({type(exc).__name__}: {exc})") from None
     if values.dtype != want or tuple(values.shape) != tuple(arr.shape):
         raise ValueError(
             f"holds {values.dtype} {tuple(values.shape)}, not the {arr.dtype} {tuple(arr.shape)} it declares"
@@ -71,7 +78,9 @@ def decode(arr: Array) -> np.ndarray:
 
 
 def to_float32(record: ArrayRecord) -> ArrayRecord:
-    """``record`` decoded into float32 arrays (what aggregation and norms work on)."""
+    """``record`` decoded into float32 arrays (what aggregation and norms work on); as is if it already is."""
+    if all(a.dtype == "float32" for a in record.values()):
+        return record
     return ArrayRecord({k: Array(decode(a)) for k, a in record.items()})
 
 

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pytest
 import torch
 from flwr.app import Array, ArrayRecord
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from common.arrays import WIRE_DTYPES, check_update, decode, encode, payload_bytes, spec_of
 
@@ -51,3 +55,31 @@ def test_content_that_is_not_its_declared_dtype_or_shape_is_refused() -> None:
         problems = check_update(ArrayRecord({"b": arr}), {"b": spec_of(ArrayRecord({"b": arr}))["b"]})
         assert problems and problems[0].startswith("'b' "), name
     assert np.array_equal(decode(real), np.ones(4, dtype=np.float32))
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    cut=st.integers(min_value=0, max_value=200),
+    flips=st.lists(st.integers(0, 255), max_size=4),
+    seed=st.integers(0, 2**16),
+)
+def test_any_corruption_of_an_arrays_bytes_is_a_problem_never_an_exception(
+    cut: int, flips: list[int], seed: int
+) -> None:
+    """A hostile site controls every byte of an array: reading them may only ever say "malformed"."""
+    real = bytearray(encode({"b": torch.ones(4)}, "float32")["b"].data)
+    data = real[: min(cut, len(real))] if cut < len(real) else real
+    for i, value in enumerate(flips):
+        if data:
+            data[(seed + 37 * i) % len(data)] = value
+    arr = Array("float32", (4,), "numpy.ndarray", bytes(data))
+    with contextlib.suppress(ValueError):  # anything else escaping is the failure
+        decode(arr)
+    problems = check_update(ArrayRecord({"b": arr}), {"b": spec_of(ArrayRecord({"b": arr}))["b"]})
+    assert all(p.startswith("'b' ") for p in problems)
+
+
+def test_a_shape_far_larger_than_the_bytes_is_refused_before_reading() -> None:
+    real = encode({"b": torch.ones(4)}, "float32")["b"]
+    with pytest.raises(ValueError, match="bytes"):
+        decode(Array("float32", (2**40,), real.stype, real.data))
