@@ -23,13 +23,23 @@ from typing import TYPE_CHECKING, Any
 
 from common.declare import Rule, at_least, one_of, option
 from common.errors import ConfigError
-from common.modeling import load_base_model
+from common.modeling import load_base_model, make_peft_model
 
 if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedModel
 
-__all__ = ["Compute", "ComputeSection", "estimate_bytes", "load_base", "prepare_for_dp", "resolve"]
+    from common.config import LoraSpec
+
+__all__ = [
+    "Compute",
+    "ComputeSection",
+    "estimate_bytes",
+    "load_base",
+    "peft_for_dp",
+    "prepare_for_dp",
+    "resolve",
+]
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 QUANTIZATIONS = ("none", "nf4", "int8")
@@ -92,8 +102,12 @@ class Compute:
         return f"{self.device}, {self.dtype}{quant}{ckpt}"
 
 
-def resolve(section: ComputeSection, *, where: str = "[compute]") -> Compute:
-    """The compute plan of ``section`` on this machine; ``ConfigError`` naming the key and the fix."""
+def resolve(section: ComputeSection, *, where: str = "[compute]", local_rank: int | None = None) -> Compute:
+    """The compute plan of ``section`` on this machine; ``ConfigError`` naming the key and the fix.
+
+    ``local_rank``: this process is one of several ranks on the machine (``client.distributed``);
+    ``cuda`` / ``auto`` then mean this rank's own GPU, ``cuda:<local rank>``.
+    """
     import torch
 
     has_cuda = torch.cuda.is_available()
@@ -101,13 +115,19 @@ def resolve(section: ComputeSection, *, where: str = "[compute]") -> Compute:
     if device == "auto":
         device = "cuda" if has_cuda else "cpu"
     if device.startswith("cuda"):
+        if local_rank is not None and ":" in device:
+            raise ConfigError(
+                where,
+                [f"device = '{device}' names one GPU but torchrun started several ranks on this "
+                 "machine: set device = 'cuda' (each rank takes its own GPU)"],
+            )  # fmt: skip
         if not has_cuda:
             raise ConfigError(
                 where,
                 [f"device = '{section.device}' but torch {torch.__version__} sees no CUDA device: "
                  "install a CUDA build of torch and the driver, or set device = 'cpu'"],
             )  # fmt: skip
-        index = int(device[5:]) if ":" in device else 0
+        index = int(device[5:]) if ":" in device else (local_rank or 0)
         if index >= torch.cuda.device_count():
             raise ConfigError(
                 where,
@@ -250,3 +270,14 @@ def prepare_for_dp(model: Any, compute: Compute) -> Any:
         model.enable_input_require_grads()
         model.config.use_cache = False
     return model
+
+
+def peft_for_dp(base: PreTrainedModel, lora: LoraSpec, compute: Compute) -> Any:
+    """``base`` with a fresh ``lora`` adapter, ready for DP-SGD (:func:`prepare_for_dp`).
+
+    The adapter's random initialisation leaves torch's global generators as they were.
+    """
+    import torch
+
+    with torch.random.fork_rng():
+        return prepare_for_dp(make_peft_model(base, lora), compute)

@@ -35,7 +35,7 @@ import torch
 from flwr.app import ArrayRecord
 
 from client import faults
-from client.compute import Compute, check_fit, load_base, prepare_for_dp, resolve
+from client.compute import Compute, check_fit, load_base, peft_for_dp, resolve
 from client.data import SiteData, load_site_data, tokenize
 from client.outcome import RoundOutcome
 from client.policy import SitePolicy
@@ -47,7 +47,6 @@ from common.modeling import (
     adapter_state,
     load_adapter_state,
     load_tokenizer,
-    make_peft_model,
     model_fingerprint,
 )
 from privacy.budget import RoundRequest, admit
@@ -81,6 +80,7 @@ class SiteAgent:
         self._tokenizer: Any = None
         self._fingerprint: str | None = None
         self._compute: Compute | None = None
+        self.local_rank: int | None = None  # rank 0 of several on this machine (client.distributed)
         self.loads: Counter[str] = Counter()  # what this process loaded, and how often (site worker stats)
         self._tensors: dict[int, tuple[torch.Tensor, ...]] = {}
 
@@ -144,11 +144,16 @@ class SiteAgent:
         """The site's compute plan (``[compute]`` on this machine); the base model must fit it."""
         if self._compute is None:
             where = f"{self.policy.source} [compute]"
-            plan = resolve(self.policy.compute, where=where)
+            plan = resolve(self.policy.compute, where=where, local_rank=self.local_rank)
             check_fit(self.policy.model_path, plan, where=where)
             self._compute = plan
             log.info("site %s trains on %s", self.policy.name, plan.describe())
         return self._compute
+
+    @property
+    def lora(self) -> LoraSpec | None:
+        """The LoRA layout of the model in memory (``None`` before the first request)."""
+        return self._lora
 
     def _peft(self, lora: LoraSpec) -> Any:
         if self._model is None or self._lora != lora:
@@ -156,8 +161,7 @@ class SiteAgent:
             base = load_base(self.policy.model_path, self.compute())
             self.loads["model"] += 1
             try:
-                with torch.random.fork_rng():
-                    self._model = prepare_for_dp(make_peft_model(base, lora), self.compute())
+                self._model = peft_for_dp(base, lora, self.compute())
             except ValueError as exc:  # PEFT: a target module the base model does not have
                 self._model, self._lora = None, None
                 raise PolicyViolationError(

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import secrets
 import warnings
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol, get_args
 
@@ -23,7 +24,7 @@ import torch
 from opacus import GradSampleModule
 from opacus.data_loader import DPDataLoader
 from opacus.grad_sample import GradSampleModuleFastGradientClipping
-from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
+from opacus.optimizers import DistributedDPOptimizer, DPOptimizer, DPOptimizerFastGradientClipping
 from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
 from torch.utils.data import TensorDataset
 
@@ -181,6 +182,10 @@ class DPStepper:
         Source of the Gaussian noise; from :func:`make_generator`.
     mode
         ``"hooks"`` (default, fastest for LoRA here), ``"functorch"`` or ``"ghost"``.
+    world_size
+        Ranks training one logical batch together (``client.distributed``): above 1, Opacus's
+        ``DistributedDPOptimizer`` sums the ranks' clipped sums and only rank 0 adds noise, so the
+        step is one Gaussian draw on the whole batch's clipped sum, as on one device.
     """
 
     def __init__(
@@ -191,9 +196,12 @@ class DPStepper:
         learning_rate: float,
         noise_generator: torch.Generator,
         mode: DPMode = DEFAULT_MODE,
+        world_size: int = 1,
     ) -> None:
         if mode not in DP_MODES:
             raise ValueError(f"unknown DP mode {mode!r}: use one of {', '.join(DP_MODES)}")
+        if world_size > 1 and mode == "ghost":
+            raise ValueError("ghost clipping is not wired for several ranks: use mode 'hooks' or 'functorch'")
         self.mode: DPMode = mode
         self.params = [p for p in model.parameters() if p.requires_grad]
         base_opt = torch.optim.AdamW(self.params, lr=learning_rate, weight_decay=0.0)
@@ -203,7 +211,8 @@ class DPStepper:
         noise: dict[str, Any] = {
             "noise_multiplier": plan.noise_multiplier,
             "max_grad_norm": plan.max_grad_norm,
-            "expected_batch_size": plan.expected_batch_size,
+            # per rank: the all-reduce divides the sum by the world size once more
+            "expected_batch_size": plan.expected_batch_size / world_size,
             "loss_reduction": "mean",
             "generator": noise_generator,
         }
@@ -226,7 +235,8 @@ class DPStepper:
             self.module = GradSampleModule(
                 model, batch_first=True, loss_reduction="sum", force_functorch=mode == "functorch"
             )
-            self.optimizer = DPOptimizer(base_opt, **noise)
+            dp_opt = DistributedDPOptimizer if world_size > 1 else DPOptimizer
+            self.optimizer = dp_opt(base_opt, **noise)
 
     def backward(self, ids: torch.Tensor, mask: torch.Tensor) -> float:
         """Forward and backward of one non-empty batch, leaving clipped material for :meth:`update`.
@@ -332,21 +342,42 @@ def train_dp(
     sample_gen = make_generator(seed)
     noise_gen = make_generator(None if seed is None else seed + 1, model_device(model))
     stepper = DPStepper(model, plan, learning_rate=learning_rate, noise_generator=noise_gen, mode=mode)
-    loader = DPDataLoader(TensorDataset(ids, mask), sample_rate=plan.sample_rate, generator=sample_gen)
-    losses: list[float] = []
-    empty = 0
+    return run_steps(stepper, poisson_batches(ids, mask, plan, sample_gen))
+
+
+def poisson_batches(
+    ids: torch.Tensor, mask: torch.Tensor, plan: DPPlan, generator: torch.Generator
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """``plan.steps`` Poisson batches of the records (each one in with ``plan.sample_rate``); some empty.
+
+    No records at all (a rank's empty shard) gives ``plan.steps`` empty batches.
+    """
+    if ids.size(0) == 0:
+        for _ in range(plan.steps):
+            yield ids, mask
+        return
+    loader = DPDataLoader(TensorDataset(ids, mask), sample_rate=plan.sample_rate, generator=generator)
     done = 0
+    while done < plan.steps:
+        for b_ids, b_mask in loader:
+            if done >= plan.steps:
+                return
+            done += 1
+            yield b_ids, b_mask
+
+
+def run_steps(stepper: DPStepper, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> TrainStats:
+    """One DP-SGD step per batch -- the noise alone for an empty one -- then close ``stepper``."""
+    losses: list[float] = []
+    empty = done = 0
     try:
-        while done < plan.steps:
-            for b_ids, b_mask in loader:
-                if done >= plan.steps:
-                    break
-                done += 1
-                if b_ids.size(0) == 0:
-                    empty += 1
-                    stepper.empty_step()
-                    continue
-                losses.append(stepper.step(b_ids, b_mask))
+        for b_ids, b_mask in batches:
+            done += 1
+            if b_ids.size(0) == 0:
+                empty += 1
+                stepper.empty_step()
+                continue
+            losses.append(stepper.step(b_ids, b_mask))
     finally:
         stepper.close()
     return TrainStats(

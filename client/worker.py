@@ -30,12 +30,15 @@ from collections.abc import Mapping
 from multiprocessing import AuthenticationError
 from multiprocessing.connection import Client, Listener
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flwr.app import Array, ArrayRecord
 
 from client.outcome import RoundOutcome
 from common.errors import ConfigError, FedtuneError
+
+if TYPE_CHECKING:
+    from client.distributed import LeaderStep
 
 __all__ = ["WorkerClient", "decode_frame", "encode_frame", "key_path", "serve", "share_with_group"]
 
@@ -126,14 +129,19 @@ def _outcome_frame(out: RoundOutcome) -> bytes:
     return encode_frame({"ok": True, "outcome": {f: getattr(out, f) for f in _OUTCOME_FIELDS}}, out.arrays)
 
 
-def handle(policy_path: Path, frame: bytes) -> bytes:
-    """Answer one frame with the site agent of ``policy_path`` (reloaded only if the policy changed)."""
+def handle(policy_path: Path, frame: bytes, leader: LeaderStep | None = None) -> bytes:
+    """Answer one frame with the site agent of ``policy_path`` (reloaded only if the policy changed).
+
+    ``leader``: this worker is rank 0 of several; its rounds train across every rank.
+    """
     from client.policy import load_policy
     from client.site import get_agent
 
     try:
         header, arrays = decode_frame(frame)
         agent = get_agent(load_policy(policy_path))
+        if leader is not None:
+            leader.attach(agent)
         op, request = header.get("op"), header.get("request", {})
         if op == "stats":
             return encode_frame({"ok": True, "pid": os.getpid(), "loads": dict(agent.loads)})
@@ -173,13 +181,29 @@ def serve(policy_path: str | Path, socket: str | Path | None = None, *, group: s
     ``group``: run the worker as the user that owns the data, state and keys, and the SuperNode as
     another user in ``group``; the coordinator's ClientApp then reaches the socket but not the records.
     Without it both must run as one user (socket and key 0600).
+
+    Under ``torchrun --nproc-per-node N`` this is rank 0 and the other ranks train with it
+    (:mod:`client.distributed`); they never read the data, the key or the ledger.
     """
+    from client.compute import resolve
+    from client.distributed import LeaderStep, Ranks, follow, init_group
     from client.policy import load_policy
     from client.site import get_agent
 
     policy_file = Path(policy_path).expanduser().resolve()
     policy = load_policy(policy_file)
+    ranks = Ranks.from_env()
+    leader: LeaderStep | None = None
+    if ranks is not None:
+        where = f"{policy.source} [compute]"
+        init_group(ranks, cuda=resolve(policy.compute, where=where, local_rank=ranks.local_rank).is_cuda)
+        if not ranks.leader:
+            follow(policy_file, ranks)
+            return
+        leader = LeaderStep()
     agent = get_agent(policy)
+    if leader is not None:
+        leader.attach(agent)
     agent.setup()  # imports, scrubbed data, the weight hash, the tokenizer: once
     sock = Path(socket).expanduser().resolve() if socket else policy.state_dir / "worker.sock"
     if len(os.fsencode(sock)) > 100:  # AF_UNIX addresses are at most 107 bytes
@@ -220,7 +244,7 @@ def serve(policy_path: str | Path, socket: str | Path | None = None, *, group: s
                 try:
                     frame = conn.recv_bytes(MAX_FRAME)
                     start = time.perf_counter()
-                    answer = handle(policy_file, frame)
+                    answer = handle(policy_file, frame, leader)
                     log.info("site worker: answered in %.2f s", time.perf_counter() - start)
                     conn.send_bytes(answer)
                 except (OSError, EOFError) as exc:
@@ -228,6 +252,8 @@ def serve(policy_path: str | Path, socket: str | Path | None = None, *, group: s
     finally:
         listener.close()
         kp.unlink(missing_ok=True)
+        if leader is not None:
+            leader.stop()
 
 
 def _exit(*_: object) -> None:
