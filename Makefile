@@ -17,7 +17,7 @@ export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
 export RAY_USAGE_STATS_ENABLED := 0
 export FEDTUNE_CACHE := $(CURDIR)/$(WORK)/cache
 
-.PHONY: demo test lint install clean report-screenshot
+.PHONY: demo test test-e2e lint install clean report-screenshot
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -41,8 +41,13 @@ demo: $(STAMP) $(WORK)/tiny-model/config.json $(WORK)/data/.complete
 	$(BIN)/fedtune audit report $(RUN) --out $(RUN)/report.html
 	@echo "privacy report: $(CURDIR)/$(RUN)/report.html"
 
+# the default suite: everything below full federated runs (about 7 min on CI's 2 cores)
 test: $(STAMP)
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -m "not slow"
+
+# the end-to-end federations (simulation, deployment, faults, SecAgg+; about 10 min); CI runs both
+test-e2e: $(STAMP)
+	$(BIN)/pytest -q -m slow
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -1,4 +1,4 @@
-"""The site's local data pipeline: read -> validate -> scrub -> split -> tokenize.
+"""The site's local data pipeline: read -> validate -> scrub -> split (tokenizing: ``client.tokens``).
 
 Nothing is silently dropped: the first bad record stops the pipeline with its file,
 line and a fix, before any budget is spent. Scrubbed text is cached in the site's
@@ -16,15 +16,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from client.tokens import Example, example_of
 from common.errors import DataError
 from common.fsutil import atomic_write_text, file_sha256
 
 if TYPE_CHECKING:
-    import torch
-
     from client.policy import SitePolicy
 
-SCRUB_VERSION = "2"  # bump whenever scrubbing output changes: cached scrubbed text is then redone
+SCRUB_VERSION = "3"  # bump whenever scrubbing output changes: cached scrubbed text is then redone
 
 FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".parquet": "parquet"}
 
@@ -163,13 +162,6 @@ def load_records(path: Path, fields: Sequence[str], *, max_chars: int = 20000) -
     return records
 
 
-def format_example(record: dict[str, Any], fields: Sequence[str]) -> str:
-    """The training text of one (scrubbed) record."""
-    if tuple(fields) == ("instruction", "response"):
-        return f"### Instruction:\n{record['instruction']}\n\n### Response:\n{record['response']}"
-    return "\n\n".join(f"{f}: {record[f]}" for f in fields)
-
-
 def is_eval(text: str, eval_fraction: float) -> bool:
     """Deterministic split by content hash: the same record always lands on the same side."""
     h = int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "big")
@@ -178,19 +170,19 @@ def is_eval(text: str, eval_fraction: float) -> bool:
 
 @dataclass(frozen=True)
 class SiteData:
-    """Scrubbed, split training text of one site."""
+    """Scrubbed, split training records of one site."""
 
-    train: tuple[str, ...]
-    eval: tuple[str, ...]
-    fingerprint: str  # SHA-256 of the scrubbed training texts
+    train: tuple[Example, ...]
+    eval: tuple[Example, ...]
+    fingerprint: str  # SHA-256 of the scrubbed training records (their plain-template text)
     scrub_counts: dict[str, int]
     records_touched: int
 
 
-def split_texts(texts: Sequence[str], eval_fraction: float) -> tuple[list[str], list[str]]:
-    """Split into (train, eval); both non-empty when there are >= 2 texts."""
-    train = [t for t in texts if not is_eval(t, eval_fraction)]
-    held = [t for t in texts if is_eval(t, eval_fraction)]
+def split_examples(examples: Sequence[Example], eval_fraction: float) -> tuple[list[Example], list[Example]]:
+    """Split into (train, eval) by each record's text hash; both non-empty when there are >= 2."""
+    train = [e for e in examples if not is_eval(e.text, eval_fraction)]
+    held = [e for e in examples if is_eval(e.text, eval_fraction)]
     if not held and len(train) > 1:
         held.append(train.pop())
     if not train and len(held) > 1:
@@ -206,21 +198,6 @@ def fingerprint(texts: Sequence[str]) -> str:
         digest.update(len(b).to_bytes(8, "big"))
         digest.update(b)
     return digest.hexdigest()
-
-
-def tokenize(texts: Sequence[str], tokenizer: Any, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token ids and attention mask, right-padded to ``max_len`` (EOS appended)."""
-    import torch
-
-    eos = tokenizer.eos_token or ""
-    enc = tokenizer(
-        [t + eos for t in texts],
-        max_length=max_len,
-        truncation=True,
-        padding="max_length",
-        return_tensors="pt",
-    )
-    return enc["input_ids"].to(torch.long), enc["attention_mask"].to(torch.long)
 
 
 def load_site_data(pol: SitePolicy) -> SiteData:
@@ -239,17 +216,19 @@ def load_site_data(pol: SitePolicy) -> SiteData:
     cache = pol.state_dir / "scrub" / f"{fingerprint(settings)[:32]}.json"
     cached = _read_cache(cache)
     if cached is not None:
-        texts, counts, touched = cached["texts"], cached["counts"], cached["records_touched"]
+        examples = [Example(*e) for e in cached["examples"]]
+        counts, touched = cached["counts"], cached["records_touched"]
     else:
         scrubber = get_scrubber(scrub_cfg)
         clean, report = scrubber.scrub_records(records, pol.data.text_fields)
-        texts = [format_example(r, pol.data.text_fields) for r in clean]
+        examples = [example_of(r, pol.data.text_fields) for r in clean]
         counts, touched = dict(report.counts), report.records_touched
-        atomic_write_text(cache, json.dumps({"texts": texts, "counts": counts, "records_touched": touched}))
+        rows = [[e.instruction, e.response, e.system] for e in examples]
+        atomic_write_text(cache, json.dumps({"examples": rows, "counts": counts, "records_touched": touched}))
         # the privacy office's view: counts per entity type, never values
         atomic_write_text(pol.state_dir / "scrub-report.json", json.dumps(report.to_dict(), indent=2))
-    train, held = split_texts(texts, pol.data.eval_fraction)
-    return SiteData(tuple(train), tuple(held), fingerprint(train), counts, touched)
+    train, held = split_examples(examples, pol.data.eval_fraction)
+    return SiteData(tuple(train), tuple(held), fingerprint([e.text for e in train]), counts, touched)
 
 
 def _read_cache(path: Path) -> dict[str, Any] | None:
@@ -260,7 +239,11 @@ def _read_cache(path: Path) -> dict[str, Any] | None:
         return None
     ok = (
         isinstance(cached, dict)
-        and isinstance(cached.get("texts"), list)
+        and isinstance(cached.get("examples"), list)
+        and all(
+            isinstance(e, list) and len(e) == 3 and all(isinstance(x, str) for x in e)
+            for e in cached["examples"]
+        )
         and isinstance(cached.get("counts"), dict)
     )
     return cached if ok and isinstance(cached.get("records_touched"), int) else None

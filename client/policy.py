@@ -80,7 +80,8 @@ class DataSection:
     text_fields: tuple[str, ...] = option(
         "text-fields",
         ("instruction", "response"),
-        "the fields trained on",
+        "instruction + response (+ system): the prompt is read, only the response learned; "
+        "other fields: raw text, every token learned",
         Rule("a list of field names", bool),
     )
     eval_fraction: float = option(

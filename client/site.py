@@ -36,9 +36,10 @@ from flwr.app import ArrayRecord
 
 from client import faults
 from client.compute import Compute, check_fit, load_base, peft_for_dp, resolve
-from client.data import SiteData, load_site_data, tokenize
+from client.data import SiteData, load_site_data
 from client.outcome import RoundOutcome
 from client.policy import SitePolicy
+from client.tokens import tokenize_examples
 from client.train import DPPlan, TrainStep, evaluate_loss, train_dp
 from common.arrays import check_update, decode, encode, spec_of, to_record, to_state, update_sha256
 from common.config import LoraSpec, TrainRequest
@@ -83,6 +84,7 @@ class SiteAgent:
         self.local_rank: int | None = None  # rank 0 of several on this machine (client.distributed)
         self.loads: Counter[str] = Counter()  # what this process loaded, and how often (site worker stats)
         self._tensors: dict[int, tuple[torch.Tensor, ...]] = {}
+        self._too_long: dict[int, int] = {}  # records whose response alone exceeds max-seq-len
 
     # ---------------------------------------------------------------- setup (cached)
     def check_state_dir(self) -> None:
@@ -174,14 +176,27 @@ class SiteAgent:
         return self._model
 
     def _tensors_for(self, max_len: int) -> tuple[torch.Tensor, ...]:
+        """Train and held-out token ids and roles at ``max_len``; refuses if no record fits."""
         if max_len not in self._tensors:
             d = self.data()
-            self._tensors[max_len] = (
-                *tokenize(d.train, self._tokenizer, max_len),
-                *tokenize(d.eval, self._tokenizer, max_len),
-            )
+            train = tokenize_examples(d.train, self._tokenizer, max_len)
+            held = tokenize_examples(d.eval, self._tokenizer, max_len)
+            self._too_long[max_len] = len(train.too_long) + len(held.too_long)
+            if self._too_long[max_len]:
+                log.warning(
+                    "site %s: %d of %d records have a response longer than max-seq-len %d tokens; they "
+                    "are left out of training and evaluation (a cut label is never trained on)",
+                    self.policy.name, self._too_long[max_len], len(d.train) + len(d.eval), max_len,
+                )  # fmt: skip
+            self._tensors[max_len] = (train.ids, train.roles, held.ids, held.roles)
             self.loads["tokenize"] += 1
-        return self._tensors[max_len]
+        tensors = self._tensors[max_len]
+        if tensors[0].size(0) == 0 or tensors[2].size(0) == 0:
+            raise PolicyViolationError(
+                f"no {'training' if tensors[0].size(0) == 0 else 'held-out'} record's response fits in "
+                f"max-seq-len {max_len} tokens: the site refuses (ask for a longer max-seq-len)"
+            )
+        return tensors
 
     # ---------------------------------------------------------------- step 3: the request vs the site
     def _load_global(self, req: TrainRequest, arrays: ArrayRecord) -> Any:
@@ -250,7 +265,7 @@ class SiteAgent:
             run_id=req.run_id,
             round=req.server_round,
             num_rounds=req.num_rounds,
-            sample_rate=min(1.0, req.train.batch_size / len(data.train)),
+            sample_rate=min(1.0, req.train.batch_size / ids.size(0)),
             steps=req.train.local_steps,
             max_grad_norm=req.train.max_grad_norm,
             noise_multiplier=req.train.noise_multiplier,
@@ -285,7 +300,7 @@ class SiteAgent:
         entry: Entry,
     ) -> RoundOutcome:
         """Steps 5 and 6: train, check the update, commit (or abort) the reservation ``entry``."""
-        pol, data = self.policy, self.data()
+        pol = self.policy
         fault = faults.active(pol.name, req.server_round)
         if fault == "raise":
             raise faults.InjectedFault(f"injected crash at site {pol.name} in round {req.server_round}")
@@ -310,6 +325,7 @@ class SiteAgent:
             "noise-multiplier": plan.noise_multiplier,
             "sample-rate": plan.sample_rate,
             "steps": float(plan.steps),
+            "records-too-long": float(self._too_long.get(req.train.max_seq_len, 0)),
         }
         if stats.mean_loss is not None:
             metrics["train-loss"] = stats.mean_loss
@@ -317,11 +333,11 @@ class SiteAgent:
         commit = self.ledger.commit(
             reserve_seq=entry.seq,
             update_sha256=update_sha256(record),
-            num_examples=len(data.train),
+            num_examples=int(ids.size(0)),
             metrics=commit_metrics,
         )
         out = self._outcome(True, "", self.ledger.state(), commit)
-        out.arrays, out.num_examples = record, len(data.train)
+        out.arrays, out.num_examples = record, int(ids.size(0))
         out.metrics |= metrics
         if isinstance(entry, Reserve):
             out.metrics |= {"epsilon": entry.epsilon, "epsilon-rdp": entry.epsilon_rdp}

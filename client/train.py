@@ -28,6 +28,8 @@ from opacus.optimizers import DistributedDPOptimizer, DPOptimizer, DPOptimizerFa
 from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
 from torch.utils.data import TensorDataset
 
+from client.tokens import PAD, TARGET
+
 log = logging.getLogger(__name__)
 
 DPMode = Literal["hooks", "functorch", "ghost"]
@@ -98,12 +100,17 @@ def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torc
 def _shifted_logits(
     model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Next-token logits, targets and a 0/1 validity mask, trimmed to the batch's longest record."""
-    width = int(mask.sum(dim=1).max().item())
+    """Next-token logits, targets and a 0/1 loss mask, trimmed to the batch's longest record.
+
+    ``mask`` holds token roles (``client.tokens``): every non-pad token is attended, and the loss
+    covers the positions that predict a ``TARGET`` token (a 0/1 mask: every real token).
+    """
+    attend = mask != PAD
+    width = int(attend.sum(dim=1).max().item())
     device = model_device(model)
-    ids, mask = ids[:, :width].to(device), mask[:, :width].to(device)
-    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1, :]
-    return logits, ids[:, 1:], mask[:, 1:].to(logits.dtype)
+    ids, mask, attend = ids[:, :width].to(device), mask[:, :width].to(device), attend[:, :width].to(device)
+    logits = model(input_ids=ids, attention_mask=attend.long()).logits[:, :-1, :]
+    return logits, ids[:, 1:], (mask[:, 1:] == TARGET).to(logits.dtype)
 
 
 def model_device(model: torch.nn.Module) -> torch.device:
@@ -123,9 +130,10 @@ def _sequence_mean_loss(logits: torch.Tensor, target: torch.Tensor, valid: torch
 
 
 def per_sample_loss(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean next-token loss of each sequence over its own tokens (shape ``[batch]``).
+    """Mean next-token loss of each sequence over its own target tokens (shape ``[batch]``).
 
-    Each record's loss depends on that record alone, which per-sample clipping needs.
+    Each record's loss depends on that record alone, which per-sample clipping needs; ``mask`` holds
+    token roles (``client.tokens``): a prompt's tokens are read, never learned.
     """
     return _sequence_mean_loss(*_shifted_logits(model, ids, mask))
 
@@ -151,13 +159,13 @@ class SequenceLoss(torch.nn.Module):
 
 @torch.no_grad()
 def evaluate_loss(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, batch: int = 32) -> float:
-    """Token-weighted mean next-token loss over a held-out set."""
+    """Target-token-weighted mean next-token loss over a held-out set (prompts excluded)."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0.0
     for i in range(0, ids.size(0), batch):
         b_ids, b_mask = ids[i : i + batch], mask[i : i + batch]
-        tokens = (b_mask[:, 1:].sum(dim=1)).to(torch.float32)
+        tokens = (b_mask[:, 1:] == TARGET).sum(dim=1).to(torch.float32)
         total += float((per_sample_loss(model, b_ids, b_mask).float().cpu() * tokens).sum())
         count += float(tokens.sum())
     model.train(was_training)

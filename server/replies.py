@@ -28,7 +28,7 @@ _METRICS_ALWAYS = frozenset({"num-examples", "delta", "max-epsilon", "private"})
 _METRICS_TRAINED = frozenset(
     {"eval-loss-before", "train-batches", "noise-multiplier", "sample-rate", "steps"}
 )
-_METRICS_OPTIONAL = frozenset({"epsilon", "epsilon-rdp", "train-loss"})
+_METRICS_OPTIONAL = frozenset({"epsilon", "epsilon-rdp", "train-loss", "records-too-long"})
 _SITE_KEYS = frozenset({"name", "status", "reason", "key"})
 
 

@@ -18,6 +18,7 @@ from client.compute import (
     resolve,
 )
 from client.policy import SECTIONS
+from client.tokens import CONTEXT, PAD, TARGET
 from client.train import DPPlan, DPStepper, evaluate_loss, per_sample_loss
 from common.config import LoraSpec
 from common.declare import parse
@@ -52,11 +53,15 @@ def _model(tiny_model: Path, compute: Compute) -> Any:
 
 
 def _batch() -> tuple[torch.Tensor, torch.Tensor]:
+    """Raw-text records (every token a target) and instruction records (a prompt read, not learned)."""
     gen = torch.Generator().manual_seed(2)
     ids = torch.randint(3, 200, (6, 20), generator=gen)
-    mask = torch.ones_like(ids)
-    mask[1, 12:] = 0
-    mask[4, 7:] = 0
+    mask = torch.full_like(ids, TARGET)
+    mask[1, 12:] = PAD
+    mask[4, 7:] = PAD
+    mask[2, :9] = CONTEXT
+    mask[3, :3] = CONTEXT
+    mask[4, :4] = CONTEXT
     return ids, mask
 
 

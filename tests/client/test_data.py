@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from client.data import is_eval, load_records, split_texts
+from client.data import is_eval, load_records, split_examples
+from client.tokens import Example
 from common.errors import DataError
 
 FIELDS = ("instruction", "response")
@@ -98,9 +99,9 @@ def test_csv_and_parquet_are_read(tmp_path: Path) -> None:
 
 
 def test_split_is_deterministic_and_disjoint() -> None:
-    texts = [f"note number {i}" for i in range(200)]
-    train, held = split_texts(texts, 0.2)
-    assert set(split_texts(list(reversed(texts)), 0.2)[1]) == set(held)
+    examples = [Example(f"note number {i}", "summary") for i in range(200)]
+    train, held = split_examples(examples, 0.2)
+    assert set(split_examples(list(reversed(examples)), 0.2)[1]) == set(held)
     assert set(train).isdisjoint(held) and len(train) + len(held) == 200
     assert 20 <= len(held) <= 60
-    assert all(is_eval(t, 0.2) for t in held)
+    assert all(is_eval(e.text, 0.2) for e in held)

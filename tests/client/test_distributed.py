@@ -201,6 +201,7 @@ def torchrun_site(
             proc.wait(timeout=60)
 
 
+@pytest.mark.slow
 def test_a_torchrun_site_trains_the_one_device_update(
     torchrun_site: Site, fresh_site: Site, start_adapter: ArrayRecord
 ) -> None:

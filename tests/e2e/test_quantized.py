@@ -12,6 +12,8 @@ import torch
 
 from common.runfolder import RunFolder
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def nf4_run(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, site_data: Path) -> dict[str, Any]:

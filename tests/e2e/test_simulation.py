@@ -93,7 +93,8 @@ def test_scrubbed_training_text_holds_no_planted_pii(demo_run: dict[str, Any], s
         planted = json.loads((site_data / f"{name}.pii.json").read_text(encoding="utf-8"))
         caches = list((demo_run["out"] / "sites" / name / "state" / "scrub").glob("*.json"))
         assert len(caches) == 1
-        text = "\n".join(json.loads(caches[0].read_text(encoding="utf-8"))["texts"])
+        rows = json.loads(caches[0].read_text(encoding="utf-8"))["examples"]
+        text = "\n".join(field for row in rows for field in row)
         leaked = [p for p in planted if p["value"] in text]
         assert not leaked, f"{name}: {len(leaked)} planted values survived, e.g. {leaked[0]['entity_type']}"
 

@@ -1,0 +1,134 @@
+"""Records to token ids and token roles: what the model reads, and what it is trained to write.
+
+An :class:`Example` is one record as trained: an instruction (the prompt; with an optional system
+field) and the response it teaches, or raw text (no instruction). The prompt is rendered with the
+tokenizer's chat template when it has one, otherwise with the plain template
+(:data:`PLAIN_TEMPLATE`). Every token gets a role (:data:`PAD`, :data:`TARGET`, :data:`CONTEXT`):
+the loss of a record is the mean over its own ``TARGET`` tokens only, so the model is never trained
+to produce the prompts. A mask of 0 / 1 (every real token a target) is the raw-text case.
+
+Truncation keeps the label: the prompt is cut from the left (its first token kept when it is BOS),
+and a record whose response alone does not fit in ``max_len`` is left out of training and reported
+(:attr:`Tokenized.too_long`), never trained on a cut label. Raw text is cut on the right.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+PAD, TARGET, CONTEXT = 0, 1, 2
+"""Token roles: padding (not attended), a target (attended and in the loss), context (attended only)."""
+
+PLAIN_TEMPLATE = "{system}### Instruction:\n{instruction}\n\n### Response:\n"
+"""The prompt of a tokenizer without a chat template (``system`` rendered as ``### System:\\n...\\n\\n``)."""
+
+
+@dataclass(frozen=True)
+class Example:
+    """One scrubbed record as trained: ``instruction`` (empty for raw text), ``response``, ``system``."""
+
+    instruction: str
+    response: str
+    system: str = ""
+
+    @property
+    def plain_prompt(self) -> str:
+        """The prompt in the plain template ("" for raw text)."""
+        if not self.instruction:
+            return ""
+        system = f"### System:\n{self.system}\n\n" if self.system else ""
+        return PLAIN_TEMPLATE.format(system=system, instruction=self.instruction)
+
+    @property
+    def text(self) -> str:
+        """The record in the plain template: what the held-out split and the data fingerprint hash."""
+        return self.plain_prompt + self.response
+
+
+def example_of(record: dict[str, Any], fields: Sequence[str]) -> Example:
+    """The :class:`Example` of one (scrubbed) record with the policy's ``text-fields``.
+
+    ``instruction`` + ``response`` (and optionally ``system``) make an instruction example; any other
+    fields are raw text, ``field: value`` paragraphs, all of it trained on.
+    """
+    if {"instruction", "response"} <= set(fields) <= {"system", "instruction", "response"}:
+        system = record["system"] if "system" in fields else ""  # only a listed field is scrubbed
+        return Example(record["instruction"], record["response"], system)
+    return Example("", "\n\n".join(f"{f}: {record[f]}" for f in fields))
+
+
+def _messages(ex: Example) -> list[dict[str, str]]:
+    return ([{"role": "system", "content": ex.system}] if ex.system else []) + [
+        {"role": "user", "content": ex.instruction}
+    ]
+
+
+def render(ex: Example, tokenizer: Any) -> tuple[str, str, bool]:
+    """``(prompt, target, templated)``: the chat template's rendering when the tokenizer has one.
+
+    With a chat template the target is what the template puts after the generation prompt for the
+    assistant's turn (the response and the template's end-of-turn text).
+    """
+    if not ex.instruction or not getattr(tokenizer, "chat_template", None):
+        return ex.plain_prompt, ex.response, False
+    prompt = tokenizer.apply_chat_template(_messages(ex), tokenize=False, add_generation_prompt=True)
+    full = tokenizer.apply_chat_template(
+        [*_messages(ex), {"role": "assistant", "content": ex.response}], tokenize=False
+    )
+    if not full.startswith(prompt):  # a template that rewrites earlier turns: fall back to its prompt
+        return prompt, ex.response, True
+    return prompt, full[len(prompt) :], True
+
+
+@dataclass(frozen=True)
+class Tokenized:
+    """Token ids and roles, ``[n, max_len]`` right-padded, and the records left out for length."""
+
+    ids: torch.Tensor
+    roles: torch.Tensor
+    too_long: tuple[int, ...]  # indices (into the examples) whose response alone exceeds max_len
+
+
+def _encode(ex: Example, tokenizer: Any, max_len: int) -> tuple[list[int], list[int]] | None:
+    """One record's ids and roles within ``max_len``; ``None`` when its label cannot fit."""
+    prompt, target, templated = render(ex, tokenizer)
+    p_ids: list[int] = tokenizer(prompt, add_special_tokens=not templated)["input_ids"]
+    t_ids: list[int] = tokenizer(target, add_special_tokens=False)["input_ids"]
+    if not templated and tokenizer.eos_token_id is not None:
+        t_ids.append(int(tokenizer.eos_token_id))
+    if not ex.instruction:  # raw text: every token a target, cut on the right
+        ids = (p_ids + t_ids)[:max_len]
+        return ids, [CONTEXT] * min(len(p_ids), len(ids)) + [TARGET] * max(0, len(ids) - len(p_ids))
+    room = max_len - len(t_ids)
+    if room < 1:  # the first target token needs one token of context before it
+        return None
+    if len(p_ids) > room:
+        bos = tokenizer.bos_token_id
+        keep_bos = bos is not None and p_ids[:1] == [bos] and room > 1
+        p_ids = [bos, *p_ids[len(p_ids) - room + 1 :]] if keep_bos else p_ids[len(p_ids) - room :]
+    return p_ids + t_ids, [CONTEXT] * len(p_ids) + [TARGET] * len(t_ids)
+
+
+def tokenize_examples(examples: Sequence[Example], tokenizer: Any, max_len: int) -> Tokenized:
+    """Every example that fits, right-padded to ``max_len``; see the module docstring for the rules."""
+    import torch
+
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    ids = torch.full((len(examples), max_len), int(pad or 0), dtype=torch.long)
+    roles = torch.zeros((len(examples), max_len), dtype=torch.long)
+    kept, too_long = 0, []
+    for i, ex in enumerate(examples):
+        enc = _encode(ex, tokenizer, max_len)
+        if enc is None:
+            too_long.append(i)
+            continue
+        row_ids, row_roles = enc
+        ids[kept, : len(row_ids)] = torch.tensor(row_ids, dtype=torch.long)
+        roles[kept, : len(row_roles)] = torch.tensor(row_roles, dtype=torch.long)
+        kept += 1
+    return Tokenized(ids[:kept], roles[:kept], tuple(too_long))
