@@ -28,8 +28,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from client.objectives import Objective, records_of, token_mean
+from client.tokens import take_records
 from client.train import (
     DEFAULT_MODE,
+    Batch,
     DPMode,
     DPPlan,
     DPStepper,
@@ -84,9 +87,12 @@ def init_group(ranks: Ranks, *, cuda: bool) -> None:
     dist.init_process_group("nccl" if cuda else "gloo", rank=ranks.rank, world_size=ranks.world, timeout=IDLE)
 
 
-def shard(tensor: torch.Tensor, rank: int, world: int) -> torch.Tensor:
-    """Rank ``rank``'s records: every ``world``-th row from ``rank`` (shards differ by at most one)."""
-    return tensor[rank::world].contiguous()
+def shard(ids: torch.Tensor, mask: torch.Tensor, group: torch.Tensor | None, rank: int, world: int) -> Batch:
+    """Rank ``rank``'s records: every ``world``-th record from ``rank``, with all of its rows."""
+    if group is None:
+        return ids[rank::world].contiguous(), mask[rank::world].contiguous(), None
+    mine = torch.arange(rank, records_of(group, ids.size(0)), world)
+    return take_records(ids, mask, group, mine)
 
 
 def train_dp_ddp(
@@ -97,6 +103,8 @@ def train_dp_ddp(
     *,
     learning_rate: float,
     seed: int | None = None,
+    group: torch.Tensor | None = None,
+    objective: Objective = token_mean,
     mode: DPMode = DEFAULT_MODE,
 ) -> TrainStats:
     """``plan.steps`` DP-SGD steps over every rank's shard ``ids`` / ``mask``; called by every rank.
@@ -115,9 +123,10 @@ def train_dp_ddp(
     sample_gen = make_generator(None if seed is None else seed + 7919 * rank)
     noise_gen = make_generator(None if seed is None else seed + 1, model_device(model))
     stepper = DPStepper(
-        model, plan, learning_rate=learning_rate, noise_generator=noise_gen, mode=mode, world_size=world
-    )
-    return run_steps(stepper, poisson_batches(ids, mask, plan, sample_gen))
+        model, plan, learning_rate=learning_rate, noise_generator=noise_gen, mode=mode,
+        objective=objective, world_size=world,
+    )  # fmt: skip
+    return run_steps(stepper, poisson_batches(ids, mask, plan, sample_gen, group))
 
 
 class LeaderStep:
@@ -143,23 +152,26 @@ class LeaderStep:
         *,
         learning_rate: float,
         seed: int | None = None,
+        group: torch.Tensor | None = None,
+        objective: Objective = token_mean,
     ) -> TrainStats:
         """Train one round across every rank."""
         world = dist.get_world_size()
         fresh = self._sent is None or self._sent[0] is not ids or self._sent[1] is not mask
         order = {
             "op": "train", "lora": self.agent.lora, "plan": plan, "learning_rate": learning_rate,
-            "seed": seed, "mode": self.mode, "data": fresh,
+            "seed": seed, "mode": self.mode, "objective": objective, "data": fresh,
         }  # fmt: skip
         dist.broadcast_object_list([order], src=0)
         if fresh:
-            shards = [(shard(ids, r, world), shard(mask, r, world)) for r in range(world)]
+            shards = [shard(ids, mask, group, r, world) for r in range(world)]
             mine: list[Any] = [None]
             dist.scatter_object_list(mine, shards, src=0)
             self._sent = (ids, mask)
+        b_ids, b_mask, b_group = shard(ids, mask, group, 0, world)
         return train_dp_ddp(
-            model, shard(ids, 0, world), shard(mask, 0, world), plan,
-            learning_rate=learning_rate, seed=seed, mode=self.mode,
+            model, b_ids, b_mask, plan, learning_rate=learning_rate, seed=seed, group=b_group,
+            objective=objective, mode=self.mode,
         )  # fmt: skip
 
     def stop(self) -> None:
@@ -179,6 +191,7 @@ def follow(policy_path: str | Path, ranks: Ranks) -> None:
     model: Any = None
     lora: Any = None
     ids = mask = torch.zeros((0, 0), dtype=torch.long)
+    group: torch.Tensor | None = None
     while True:
         box: list[Any] = [None]
         dist.broadcast_object_list(box, src=0)
@@ -189,7 +202,7 @@ def follow(policy_path: str | Path, ranks: Ranks) -> None:
         if order["data"]:
             mine: list[Any] = [None]
             dist.scatter_object_list(mine, None, src=0)
-            ids, mask = mine[0]
+            ids, mask, group = mine[0]
         if model is None or order["lora"] != lora:
             model = None
             model, lora = (
@@ -198,6 +211,7 @@ def follow(policy_path: str | Path, ranks: Ranks) -> None:
             )
         stats = train_dp_ddp(
             model, ids, mask, order["plan"],
-            learning_rate=order["learning_rate"], seed=order["seed"], mode=order["mode"],
+            learning_rate=order["learning_rate"], seed=order["seed"], group=group,
+            objective=order["objective"], mode=order["mode"],
         )  # fmt: skip
         log.info("rank %d: %d steps (%d empty)", ranks.rank, stats.steps, stats.empty_batches)

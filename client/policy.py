@@ -91,6 +91,13 @@ class DataSection:
         fraction(0.5),
     )
     max_record_chars: int = option("max-record-chars", 20000, "largest record accepted", at_least(1))
+    long_records: str = option(
+        "long-records",
+        "chunk",
+        "raw text longer than max-seq-len: chunk (all of it trained, the record still one privacy unit) "
+        "or truncate (cut on the right)",
+        one_of(("chunk", "truncate")),
+    )
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,6 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
-import torch
 from flwr.app import ArrayRecord
 
 from client import faults
@@ -39,7 +38,7 @@ from client.compute import Compute, check_fit, load_base, peft_for_dp, resolve
 from client.data import SiteData, load_site_data
 from client.outcome import RoundOutcome
 from client.policy import SitePolicy
-from client.tokens import tokenize_examples
+from client.tokens import Tokenized, tokenize_examples
 from client.train import DPPlan, TrainStep, evaluate_loss, train_dp
 from common.arrays import check_update, decode, encode, spec_of, to_record, to_state, update_sha256
 from common.config import LoraSpec, TrainRequest
@@ -83,7 +82,7 @@ class SiteAgent:
         self._compute: Compute | None = None
         self.local_rank: int | None = None  # rank 0 of several on this machine (client.distributed)
         self.loads: Counter[str] = Counter()  # what this process loaded, and how often (site worker stats)
-        self._tensors: dict[int, tuple[torch.Tensor, ...]] = {}
+        self._tokens: dict[int, tuple[Tokenized, Tokenized]] = {}
         self._too_long: dict[int, int] = {}  # records whose response alone exceeds max-seq-len
 
     # ---------------------------------------------------------------- setup (cached)
@@ -175,12 +174,12 @@ class SiteAgent:
             self._tokenizer = load_tokenizer(self.policy.model_path)
         return self._model
 
-    def _tensors_for(self, max_len: int) -> tuple[torch.Tensor, ...]:
-        """Train and held-out token ids and roles at ``max_len``; refuses if no record fits."""
-        if max_len not in self._tensors:
-            d = self.data()
-            train = tokenize_examples(d.train, self._tokenizer, max_len)
-            held = tokenize_examples(d.eval, self._tokenizer, max_len)
+    def _tokens_for(self, max_len: int) -> tuple[Tokenized, Tokenized]:
+        """Train and held-out token rows at ``max_len``; refuses if no record fits."""
+        if max_len not in self._tokens:
+            d, chunk = self.data(), self.policy.data.long_records == "chunk"
+            train = tokenize_examples(d.train, self._tokenizer, max_len, chunk=chunk)
+            held = tokenize_examples(d.eval, self._tokenizer, max_len, chunk=chunk)
             self._too_long[max_len] = len(train.too_long) + len(held.too_long)
             if self._too_long[max_len]:
                 log.warning(
@@ -188,15 +187,15 @@ class SiteAgent:
                     "are left out of training and evaluation (a cut label is never trained on)",
                     self.policy.name, self._too_long[max_len], len(d.train) + len(d.eval), max_len,
                 )  # fmt: skip
-            self._tensors[max_len] = (train.ids, train.roles, held.ids, held.roles)
+            self._tokens[max_len] = (train, held)
             self.loads["tokenize"] += 1
-        tensors = self._tensors[max_len]
-        if tensors[0].size(0) == 0 or tensors[2].size(0) == 0:
+        train, held = self._tokens[max_len]
+        if train.records == 0 or held.records == 0:
             raise PolicyViolationError(
-                f"no {'training' if tensors[0].size(0) == 0 else 'held-out'} record's response fits in "
+                f"no {'training' if train.records == 0 else 'held-out'} record's response fits in "
                 f"max-seq-len {max_len} tokens: the site refuses (ask for a longer max-seq-len)"
             )
-        return tensors
+        return train, held
 
     # ---------------------------------------------------------------- step 3: the request vs the site
     def _load_global(self, req: TrainRequest, arrays: ArrayRecord) -> Any:
@@ -253,8 +252,8 @@ class SiteAgent:
         self.ledger.state(expect=(req.ledger_seq, req.ledger_hash))  # LedgerError: stop, write nothing
         try:
             model = self._load_global(req, arrays)
-            ids, mask, ev_ids, ev_mask = self._tensors_for(req.train.max_seq_len)
-            eval_before = evaluate_loss(model, ev_ids, ev_mask)
+            train, held = self._tokens_for(req.train.max_seq_len)
+            eval_before = evaluate_loss(model, held.ids, held.roles)
             if not math.isfinite(eval_before):
                 raise PolicyViolationError(
                     "the global adapter gives a non-finite held-out loss: the site refuses it"
@@ -265,7 +264,7 @@ class SiteAgent:
             run_id=req.run_id,
             round=req.server_round,
             num_rounds=req.num_rounds,
-            sample_rate=min(1.0, req.train.batch_size / ids.size(0)),
+            sample_rate=min(1.0, req.train.batch_size / train.records),
             steps=req.train.local_steps,
             max_grad_norm=req.train.max_grad_norm,
             noise_multiplier=req.train.noise_multiplier,
@@ -286,14 +285,13 @@ class SiteAgent:
             grant.max_grad_norm if grant.private else NO_CLIPPING,
             req.train.batch_size,
         )
-        return self._train(req, model, ids, mask, plan, eval_before, arrays, entry)
+        return self._train(req, model, train, plan, eval_before, arrays, entry)
 
     def _train(
         self,
         req: TrainRequest,
         model: Any,
-        ids: torch.Tensor,
-        mask: torch.Tensor,
+        train: Tokenized,
         plan: DPPlan,
         eval_before: float,
         start: ArrayRecord,
@@ -305,8 +303,9 @@ class SiteAgent:
         if fault == "raise":
             raise faults.InjectedFault(f"injected crash at site {pol.name} in round {req.server_round}")
         stats = self.train_step(
-            model, ids, mask, plan, learning_rate=req.train.learning_rate, seed=self._round_seed(req)
-        )
+            model, train.ids, train.roles, plan, learning_rate=req.train.learning_rate,
+            seed=self._round_seed(req), group=train.group if train.chunked else None,
+        )  # fmt: skip
         state = adapter_state(model)
         record = encode({k: state[k] for k in req.lora.update_keys(state)}, req.train.wire_dtype)
         finite = all(np.isfinite(decode(a)).all() for a in record.values())  # float16 can overflow
@@ -333,11 +332,11 @@ class SiteAgent:
         commit = self.ledger.commit(
             reserve_seq=entry.seq,
             update_sha256=update_sha256(record),
-            num_examples=int(ids.size(0)),
+            num_examples=train.records,
             metrics=commit_metrics,
         )
         out = self._outcome(True, "", self.ledger.state(), commit)
-        out.arrays, out.num_examples = record, int(ids.size(0))
+        out.arrays, out.num_examples = record, train.records
         out.metrics |= metrics
         if isinstance(entry, Reserve):
             out.metrics |= {"epsilon": entry.epsilon, "epsilon-rdp": entry.epsilon_rdp}
@@ -384,8 +383,8 @@ class SiteAgent:
         self.setup()
         req = request if isinstance(request, TrainRequest) else TrainRequest.from_record(request)
         model = self._load_global(req, arrays)
-        _, _, ev_ids, ev_mask = self._tensors_for(req.train.max_seq_len)
-        return evaluate_loss(model, ev_ids, ev_mask), int(ev_ids.size(0))
+        _, held = self._tokens_for(req.train.max_seq_len)
+        return evaluate_loss(model, held.ids, held.roles), held.records
 
 
 def _signing_key(policy: SitePolicy) -> SigningKey | None:

@@ -9,7 +9,11 @@ to produce the prompts. A mask of 0 / 1 (every real token a target) is the raw-t
 
 Truncation keeps the label: the prompt is cut from the left (its first token kept when it is BOS),
 and a record whose response alone does not fit in ``max_len`` is left out of training and reported
-(:attr:`Tokenized.too_long`), never trained on a cut label. Raw text is cut on the right.
+(:attr:`Tokenized.too_long`), never trained on a cut label. Raw text longer than ``max_len`` is
+split into chunks (``chunk=True``; consecutive chunks overlap by one token, so every token after the
+first is predicted exactly once) that stay one record: :attr:`Tokenized.group` names each row's
+record, and the record's loss and clipped gradient cover all of its chunks. Different records are
+never packed into one row. With ``chunk=False`` raw text is cut on the right.
 """
 
 from __future__ import annotations
@@ -87,23 +91,49 @@ def render(ex: Example, tokenizer: Any) -> tuple[str, str, bool]:
 
 @dataclass(frozen=True)
 class Tokenized:
-    """Token ids and roles, ``[n, max_len]`` right-padded, and the records left out for length."""
+    """Token ids and roles, ``[rows, max_len]`` right-padded; each row's record; records left out."""
 
     ids: torch.Tensor
     roles: torch.Tensor
+    group: torch.Tensor  # [rows]: the record of each row, 0..records-1, rows of a record adjacent
     too_long: tuple[int, ...]  # indices (into the examples) whose response alone exceeds max_len
 
+    @property
+    def records(self) -> int:
+        """Records kept (a chunked document is one)."""
+        return int(self.group.max()) + 1 if self.group.numel() else 0
 
-def _encode(ex: Example, tokenizer: Any, max_len: int) -> tuple[list[int], list[int]] | None:
-    """One record's ids and roles within ``max_len``; ``None`` when its label cannot fit."""
+    @property
+    def chunked(self) -> bool:
+        """Whether some record spans several rows."""
+        return self.records != self.ids.size(0)
+
+
+Row = tuple[list[int], list[int]]
+
+
+def _chunks(ids: list[int], max_len: int) -> list[Row]:
+    """Raw text in rows of ``max_len`` overlapping by one token: the first token of a row is context."""
+    if len(ids) <= max_len:
+        return [(ids, [CONTEXT] + [TARGET] * (len(ids) - 1))]
+    stride = max_len - 1
+    rows = []
+    for start in range(0, len(ids) - 1, stride):
+        part = ids[start : start + max_len]
+        rows.append((part, [CONTEXT] + [TARGET] * (len(part) - 1)))
+    return rows
+
+
+def _encode(ex: Example, tokenizer: Any, max_len: int, chunk: bool) -> list[Row] | None:
+    """One record's rows within ``max_len``; ``None`` when its label cannot fit."""
     prompt, target, templated = render(ex, tokenizer)
     p_ids: list[int] = tokenizer(prompt, add_special_tokens=not templated)["input_ids"]
     t_ids: list[int] = tokenizer(target, add_special_tokens=False)["input_ids"]
     if not templated and tokenizer.eos_token_id is not None:
         t_ids.append(int(tokenizer.eos_token_id))
-    if not ex.instruction:  # raw text: every token a target, cut on the right
-        ids = (p_ids + t_ids)[:max_len]
-        return ids, [CONTEXT] * min(len(p_ids), len(ids)) + [TARGET] * max(0, len(ids) - len(p_ids))
+    if not ex.instruction:  # raw text: every token after the first a target
+        ids = p_ids + t_ids
+        return _chunks(ids, max_len) if chunk else _chunks(ids[:max_len], max_len)
     room = max_len - len(t_ids)
     if room < 1:  # the first target token needs one token of context before it
         return None
@@ -111,24 +141,41 @@ def _encode(ex: Example, tokenizer: Any, max_len: int) -> tuple[list[int], list[
         bos = tokenizer.bos_token_id
         keep_bos = bos is not None and p_ids[:1] == [bos] and room > 1
         p_ids = [bos, *p_ids[len(p_ids) - room + 1 :]] if keep_bos else p_ids[len(p_ids) - room :]
-    return p_ids + t_ids, [CONTEXT] * len(p_ids) + [TARGET] * len(t_ids)
+    return [(p_ids + t_ids, [CONTEXT] * len(p_ids) + [TARGET] * len(t_ids))]
 
 
-def tokenize_examples(examples: Sequence[Example], tokenizer: Any, max_len: int) -> Tokenized:
+def tokenize_examples(
+    examples: Sequence[Example], tokenizer: Any, max_len: int, *, chunk: bool = True
+) -> Tokenized:
     """Every example that fits, right-padded to ``max_len``; see the module docstring for the rules."""
     import torch
 
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    ids = torch.full((len(examples), max_len), int(pad or 0), dtype=torch.long)
-    roles = torch.zeros((len(examples), max_len), dtype=torch.long)
-    kept, too_long = 0, []
+    rows: list[Row] = []
+    group: list[int] = []
+    too_long = []
     for i, ex in enumerate(examples):
-        enc = _encode(ex, tokenizer, max_len)
+        enc = _encode(ex, tokenizer, max_len, chunk)
         if enc is None:
             too_long.append(i)
             continue
-        row_ids, row_roles = enc
-        ids[kept, : len(row_ids)] = torch.tensor(row_ids, dtype=torch.long)
-        roles[kept, : len(row_roles)] = torch.tensor(row_roles, dtype=torch.long)
-        kept += 1
-    return Tokenized(ids[:kept], roles[:kept], tuple(too_long))
+        group.extend([i - len(too_long)] * len(enc))
+        rows.extend(enc)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    ids = torch.full((len(rows), max_len), int(pad or 0), dtype=torch.long)
+    roles = torch.zeros((len(rows), max_len), dtype=torch.long)
+    for r, (row_ids, row_roles) in enumerate(rows):
+        ids[r, : len(row_ids)] = torch.tensor(row_ids, dtype=torch.long)
+        roles[r, : len(row_roles)] = torch.tensor(row_roles, dtype=torch.long)
+    return Tokenized(ids, roles, torch.tensor(group, dtype=torch.long), tuple(too_long))
+
+
+def take_records(
+    ids: torch.Tensor, roles: torch.Tensor, group: torch.Tensor, records: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The rows of ``records`` (record indices), with their group renumbered ``0..len(records)-1``."""
+    import torch
+
+    chosen = torch.sort(records).values
+    rows = torch.isin(group, chosen)
+    local = torch.searchsorted(chosen, group[rows])
+    return ids[rows], roles[rows], local

@@ -28,7 +28,33 @@ from opacus.optimizers import DistributedDPOptimizer, DPOptimizer, DPOptimizerFa
 from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
 from torch.utils.data import TensorDataset
 
-from client.tokens import PAD, TARGET
+from client.objectives import (
+    Objective,
+    SequenceLoss,
+    evaluate_loss,
+    group_sum,
+    model_device,
+    per_sample_loss,
+    records_of,
+    shifted_logits,
+    token_mean,
+)
+from client.tokens import take_records
+
+__all__ = [
+    "DP_MODES",
+    "DPPlan",
+    "DPStepper",
+    "TrainStats",
+    "TrainStep",
+    "evaluate_loss",
+    "make_generator",
+    "model_device",
+    "per_sample_loss",
+    "poisson_batches",
+    "run_steps",
+    "train_dp",
+]
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +109,8 @@ class TrainStep(Protocol):
         *,
         learning_rate: float,
         seed: int | None = None,
+        group: torch.Tensor | None = None,
+        objective: Objective = token_mean,
     ) -> TrainStats: ...
 
 
@@ -95,81 +123,6 @@ def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torc
         log.warning("DP noise seeded with %d: reproducible, therefore NOT PRIVATE", seed)
         gen.manual_seed(seed)
     return gen
-
-
-def _shifted_logits(
-    model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Next-token logits, targets and a 0/1 loss mask, trimmed to the batch's longest record.
-
-    ``mask`` holds token roles (``client.tokens``): every non-pad token is attended, and the loss
-    covers the positions that predict a ``TARGET`` token (a 0/1 mask: every real token).
-    """
-    attend = mask != PAD
-    width = int(attend.sum(dim=1).max().item())
-    device = model_device(model)
-    ids, mask, attend = ids[:, :width].to(device), mask[:, :width].to(device), attend[:, :width].to(device)
-    logits = model(input_ids=ids, attention_mask=attend.long()).logits[:, :-1, :]
-    return logits, ids[:, 1:], (mask[:, 1:] == TARGET).to(logits.dtype)
-
-
-def model_device(model: torch.nn.Module) -> torch.device:
-    """Where the model's trainable weights (the LoRA layers) live; the batches go there."""
-    for p in model.parameters():
-        if p.requires_grad:
-            return p.device
-    return next(model.parameters()).device
-
-
-def _sequence_mean_loss(logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """Mean token cross-entropy of each sequence over its valid positions (shape ``[batch]``)."""
-    tok = torch.nn.functional.cross_entropy(
-        logits.reshape(-1, logits.size(-1)), target.reshape(-1), reduction="none"
-    ).view_as(valid)
-    return (tok * valid).sum(dim=1) / valid.sum(dim=1).clamp(min=1.0)
-
-
-def per_sample_loss(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean next-token loss of each sequence over its own target tokens (shape ``[batch]``).
-
-    Each record's loss depends on that record alone, which per-sample clipping needs; ``mask`` holds
-    token roles (``client.tokens``): a prompt's tokens are read, never learned.
-    """
-    return _sequence_mean_loss(*_shifted_logits(model, ids, mask))
-
-
-class SequenceLoss(torch.nn.Module):
-    """``per_sample_loss`` as a criterion on ``(logits, target, valid)`` for Opacus ghost clipping.
-
-    Opacus's ``DPLossFastGradientClipping`` switches ``reduction`` to ``"none"`` to get
-    one loss per record (here: per sequence), then reduces it itself.
-    """
-
-    def __init__(self, reduction: str = "mean") -> None:
-        super().__init__()
-        self.reduction = reduction
-
-    def forward(self, logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        """Per-sequence losses (``reduction="none"``) or their mean / sum."""
-        loss = _sequence_mean_loss(logits, target, valid)
-        if self.reduction == "none":
-            return loss
-        return loss.sum() if self.reduction == "sum" else loss.mean()
-
-
-@torch.no_grad()
-def evaluate_loss(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, batch: int = 32) -> float:
-    """Target-token-weighted mean next-token loss over a held-out set (prompts excluded)."""
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0.0
-    for i in range(0, ids.size(0), batch):
-        b_ids, b_mask = ids[i : i + batch], mask[i : i + batch]
-        tokens = (b_mask[:, 1:] == TARGET).sum(dim=1).to(torch.float32)
-        total += float((per_sample_loss(model, b_ids, b_mask).float().cpu() * tokens).sum())
-        count += float(tokens.sum())
-    model.train(was_training)
-    return total / max(count, 1.0)
 
 
 class DPStepper:
@@ -190,6 +143,8 @@ class DPStepper:
         Source of the Gaussian noise; from :func:`make_generator`.
     mode
         ``"hooks"`` (default, fastest for LoRA here), ``"functorch"`` or ``"ghost"``.
+    objective
+        One loss per record (``client.objectives``); a record may span several rows (``group``).
     world_size
         Ranks training one logical batch together (``client.distributed``): above 1, Opacus's
         ``DistributedDPOptimizer`` sums the ranks' clipped sums and only rank 0 adds noise, so the
@@ -204,6 +159,7 @@ class DPStepper:
         learning_rate: float,
         noise_generator: torch.Generator,
         mode: DPMode = DEFAULT_MODE,
+        objective: Objective = token_mean,
         world_size: int = 1,
     ) -> None:
         if mode not in DP_MODES:
@@ -211,6 +167,7 @@ class DPStepper:
         if world_size > 1 and mode == "ghost":
             raise ValueError("ghost clipping is not wired for several ranks: use mode 'hooks' or 'functorch'")
         self.mode: DPMode = mode
+        self.objective = objective
         self.params = [p for p in model.parameters() if p.requires_grad]
         base_opt = torch.optim.AdamW(self.params, lr=learning_rate, weight_decay=0.0)
         self._criterion: DPLossFastGradientClipping | None = None
@@ -246,21 +203,32 @@ class DPStepper:
             dp_opt = DistributedDPOptimizer if world_size > 1 else DPOptimizer
             self.optimizer = dp_opt(base_opt, **noise)
 
-    def backward(self, ids: torch.Tensor, mask: torch.Tensor) -> float:
+    def backward(self, ids: torch.Tensor, mask: torch.Tensor, group: torch.Tensor | None = None) -> float:
         """Forward and backward of one non-empty batch, leaving clipped material for :meth:`update`.
 
+        ``group[row]`` is the record of each row (``None``: one row per record). Each record's row
+        gradients are summed into its one per-record gradient before the optimizer clips it.
         Returns the batch's mean per-record loss.
         """
+        records = records_of(group, ids.size(0))
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=_HOOK_WARNING, category=UserWarning)
             if self._criterion is not None:
-                ghost_loss = self._criterion(*_shifted_logits(self.module, ids, mask))
+                if records != ids.size(0) or self.objective is not token_mean:
+                    raise ValueError(
+                        "ghost clipping clips one row at a time: records of several rows (long documents, "
+                        "preference pairs) need mode 'hooks' or 'functorch'"
+                    )
+                ghost_loss = self._criterion(*shifted_logits(self.module, ids, mask))
                 ghost_loss.backward()  # two passes: per-record norms, then the clipped sum
                 self._check_per_record(ids.size(0), "_norm_sample")
                 return float(ghost_loss.detach())
-            losses = per_sample_loss(self.module, ids, mask)
+            losses = self.objective(self.module, ids, mask, group)
             losses.sum().backward()
         self._check_per_record(ids.size(0))
+        if group is not None and records != ids.size(0):
+            for p in self.params:  # the record is the privacy unit: its rows' gradients, summed
+                p.grad_sample = group_sum(p.grad_sample, group, records)  # type: ignore[attr-defined]
         return float(losses.detach().mean())
 
     def _check_per_record(self, batch: int, attr: str = "grad_sample") -> None:
@@ -293,9 +261,9 @@ class DPStepper:
                 p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)  # type: ignore[attr-defined]
         self.update()
 
-    def step(self, ids: torch.Tensor, mask: torch.Tensor) -> float:
+    def step(self, ids: torch.Tensor, mask: torch.Tensor, group: torch.Tensor | None = None) -> float:
         """One full DP-SGD step on a non-empty batch; returns its mean per-record loss."""
-        loss = self.backward(ids, mask)
+        loss = self.backward(ids, mask, group)
         self.update()
         return loss
 
@@ -317,6 +285,8 @@ def train_dp(
     *,
     learning_rate: float,
     seed: int | None = None,
+    group: torch.Tensor | None = None,
+    objective: Objective = token_mean,
     mode: DPMode = DEFAULT_MODE,
 ) -> TrainStats:
     """Run ``plan.steps`` DP-SGD steps (Poisson sampling, per-sample clipping, Gaussian noise).
@@ -330,7 +300,7 @@ def train_dp(
     model
         LoRA model; put in training mode here.
     ids, mask
-        Token ids and attention mask of the site's training records, ``[n, seq_len]``.
+        Token ids and roles (``client.tokens``) of the site's training rows, ``[rows, seq_len]``.
     plan
         The round's DP mechanism.
     learning_rate
@@ -338,6 +308,11 @@ def train_dp(
     seed
         ``None`` (production): sampling and noise from OS entropy. An integer makes the run
         reproducible and is logged as NOT PRIVATE.
+    group
+        The record of each row (rows of a record adjacent, records ``0..n-1``); ``None``: a row
+        is a record. Poisson sampling draws records, and a record's rows train together.
+    objective
+        The training kind's per-record loss (``client.objectives``).
     mode
         Opacus per-sample gradient mode; see :class:`DPStepper`.
 
@@ -349,43 +324,58 @@ def train_dp(
     model.train()
     sample_gen = make_generator(seed)
     noise_gen = make_generator(None if seed is None else seed + 1, model_device(model))
-    stepper = DPStepper(model, plan, learning_rate=learning_rate, noise_generator=noise_gen, mode=mode)
-    return run_steps(stepper, poisson_batches(ids, mask, plan, sample_gen))
+    stepper = DPStepper(
+        model, plan, learning_rate=learning_rate, noise_generator=noise_gen, mode=mode, objective=objective
+    )
+    return run_steps(stepper, poisson_batches(ids, mask, plan, sample_gen, group))
+
+
+Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
+"""Token ids, roles and the record of each row (``None``: one row per record)."""
 
 
 def poisson_batches(
-    ids: torch.Tensor, mask: torch.Tensor, plan: DPPlan, generator: torch.Generator
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    plan: DPPlan,
+    generator: torch.Generator,
+    group: torch.Tensor | None = None,
+) -> Iterator[Batch]:
     """``plan.steps`` Poisson batches of the records (each one in with ``plan.sample_rate``); some empty.
 
-    No records at all (a rank's empty shard) gives ``plan.steps`` empty batches.
+    With ``group`` the records are drawn and each brings all of its rows. No records at all (a
+    rank's empty shard) gives ``plan.steps`` empty batches.
     """
     if ids.size(0) == 0:
         for _ in range(plan.steps):
-            yield ids, mask
+            yield ids, mask, group
         return
-    loader = DPDataLoader(TensorDataset(ids, mask), sample_rate=plan.sample_rate, generator=generator)
+    records = torch.arange(records_of(group, ids.size(0)))
+    loader = DPDataLoader(TensorDataset(records), sample_rate=plan.sample_rate, generator=generator)
     done = 0
     while done < plan.steps:
-        for b_ids, b_mask in loader:
+        for (chosen,) in loader:
             if done >= plan.steps:
                 return
             done += 1
-            yield b_ids, b_mask
+            if group is None:
+                yield ids[chosen], mask[chosen], None
+            else:
+                yield take_records(ids, mask, group, chosen)
 
 
-def run_steps(stepper: DPStepper, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> TrainStats:
+def run_steps(stepper: DPStepper, batches: Iterable[Batch]) -> TrainStats:
     """One DP-SGD step per batch -- the noise alone for an empty one -- then close ``stepper``."""
     losses: list[float] = []
     empty = done = 0
     try:
-        for b_ids, b_mask in batches:
+        for b_ids, b_mask, b_group in batches:
             done += 1
             if b_ids.size(0) == 0:
                 empty += 1
                 stepper.empty_step()
                 continue
-            losses.append(stepper.step(b_ids, b_mask))
+            losses.append(stepper.step(b_ids, b_mask, b_group))
     finally:
         stepper.close()
     return TrainStats(

@@ -17,9 +17,10 @@ from client.compute import (
     prepare_for_dp,
     resolve,
 )
+from client.objectives import row_nll, token_mean
 from client.policy import SECTIONS
 from client.tokens import CONTEXT, PAD, TARGET
-from client.train import DPPlan, DPStepper, evaluate_loss, per_sample_loss
+from client.train import DPPlan, DPStepper, evaluate_loss
 from common.config import LoraSpec
 from common.declare import parse
 from common.errors import ConfigError
@@ -52,8 +53,11 @@ def _model(tiny_model: Path, compute: Compute) -> Any:
     return model
 
 
+GROUP = torch.tensor([0, 0, 1, 2, 3, 4])  # rows 0 and 1: two chunks of one long document (one record)
+
+
 def _batch() -> tuple[torch.Tensor, torch.Tensor]:
-    """Raw-text records (every token a target) and instruction records (a prompt read, not learned)."""
+    """Raw text (every token a target; one 2-chunk document) and instruction records (prompt not learned)."""
     gen = torch.Generator().manual_seed(2)
     ids = torch.randint(3, 200, (6, 20), generator=gen)
     mask = torch.full_like(ids, TARGET)
@@ -69,20 +73,22 @@ def _brute_force(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor) 
     """Each record's gradient by its own backward pass (``[records, lora params]``), no Opacus."""
     params = [p for p in model.parameters() if p.requires_grad]
     rows = []
-    for i in range(ids.size(0)):
+    for i in range(int(GROUP.max()) + 1):
         model.zero_grad(set_to_none=True)
-        per_sample_loss(model, ids, mask)[i].backward()
+        token_mean(model, ids, mask, GROUP)[i].backward()
         rows.append(torch.cat([p.grad.flatten() for p in params if p.grad is not None]))
     model.zero_grad(set_to_none=True)
     return torch.stack(rows)
 
 
 def _each_alone(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Each record's gradient from a batch of that record alone (a second, independent method)."""
+    """Each record's gradient from a batch of that record's rows alone (a second, independent method)."""
     params = [p for p in model.parameters() if p.requires_grad]
     rows = []
-    for i in range(ids.size(0)):
-        grads = torch.autograd.grad(per_sample_loss(model, ids[i : i + 1], mask[i : i + 1]).sum(), params)
+    for i in range(int(GROUP.max()) + 1):
+        mine = i == GROUP
+        nll, count = row_nll(model, ids[mine], mask[mine])
+        grads = torch.autograd.grad(nll.sum() / count.sum(), params)
         rows.append(torch.cat([g.flatten() for g in grads]))
     return torch.stack(rows)
 
@@ -111,8 +117,8 @@ def test_per_record_gradients_and_clipped_sum_equal_brute_force(tiny_model: Path
         noise_generator=torch.Generator().manual_seed(0),
     )
     try:
-        stepper.backward(ids, mask)
-        per_record = torch.cat([p.grad_sample.reshape(ids.size(0), -1) for p in params], dim=1)
+        stepper.backward(ids, mask, GROUP)
+        per_record = torch.cat([p.grad_sample.reshape(brute.size(0), -1) for p in params], dim=1)
         stepper.optimizer.pre_step()  # clip, sum, add (zero) noise, scale; no AdamW step
         got = torch.cat([p.grad.flatten() for p in params if p.grad is not None])
     finally:

@@ -66,13 +66,10 @@ def _rank(rank: int, world: int, port: int, path: str, out: str) -> None:
                 for p in model.parameters():
                     if p.requires_grad:
                         p.add_(1.0)
-        exact = train_dp_ddp(
-            model, shard(ids, rank, world), shard(mask, rank, world), EXACT, learning_rate=0.01, seed=SEED
-        )
+        mine_ids, mine_mask, _ = shard(ids, mask, None, rank, world)
+        exact = train_dp_ddp(model, mine_ids, mine_mask, EXACT, learning_rate=0.01, seed=SEED)
         after_exact = _lora(model)
-        poisson = train_dp_ddp(
-            model, shard(ids, rank, world), shard(mask, rank, world), POISSON, learning_rate=0.01
-        )
+        poisson = train_dp_ddp(model, mine_ids, mine_mask, POISSON, learning_rate=0.01)
         gathered: list[dict[str, torch.Tensor] | None] = [None] * world
         dist.all_gather_object(gathered, _lora(model))
         if rank == 0:
@@ -145,9 +142,14 @@ def test_poisson_rounds_keep_every_rank_in_step(two_ranks: dict[str, object]) ->
 
 def test_shards_cover_every_record_once() -> None:
     ids = torch.arange(7)[:, None]
-    parts = [shard(ids, r, 3) for r in range(3)]
+    parts = [shard(ids, ids, None, r, 3)[0] for r in range(3)]
     assert sorted(int(x) for p in parts for x in p.flatten()) == list(range(7))
     assert [p.size(0) for p in parts] == [3, 2, 2]
+    # a chunked record stays whole on one rank
+    group = torch.tensor([0, 0, 0, 1, 2, 2, 3])
+    pieces = [shard(ids, ids, group, r, 2) for r in range(2)]
+    assert [p[0].flatten().tolist() for p in pieces] == [[0, 1, 2, 4, 5], [3, 6]]
+    assert [p[2].tolist() for p in pieces if p[2] is not None] == [[0, 0, 0, 1, 1], [0, 1]]
 
 
 def test_ranks_come_from_torchrun(monkeypatch: pytest.MonkeyPatch) -> None:

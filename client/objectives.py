@@ -1,0 +1,128 @@
+"""What a record's loss is, for each training kind: one number per privacy unit.
+
+DP-SGD clips one gradient per record, so an objective maps a batch of token rows to one loss per
+*record*. A record is one row (an instruction example), several rows (the chunks of a long document;
+``group`` says which rows belong together) or, for preference tuning, two rows (the chosen and the
+rejected answer of one pair). Every loss depends on its own record's rows alone, which per-record
+clipping needs; ``client.train.DPStepper`` sums each record's row gradients before it clips.
+
+``mask`` holds token roles (``client.tokens``): every non-pad token is read, and the loss covers the
+positions that predict a ``TARGET`` token (a 0/1 mask: every real token).
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+from client.tokens import PAD, TARGET
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """Where the model's trainable weights (the LoRA layers) live; the batches go there."""
+    for p in model.parameters():
+        if p.requires_grad:
+            return p.device
+    return next(model.parameters()).device
+
+
+def shifted_logits(
+    model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Next-token logits, targets and a 0/1 loss mask, trimmed to the batch's longest row."""
+    attend = mask != PAD
+    width = int(attend.sum(dim=1).max().item())
+    device = model_device(model)
+    ids, mask, attend = ids[:, :width].to(device), mask[:, :width].to(device), attend[:, :width].to(device)
+    logits = model(input_ids=ids, attention_mask=attend.long()).logits[:, :-1, :]
+    return logits, ids[:, 1:], (mask[:, 1:] == TARGET).to(logits.dtype)
+
+
+def _token_nll(logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Each position's cross-entropy, zero where it predicts no target token (``[rows, width]``)."""
+    tok = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.size(-1)), target.reshape(-1), reduction="none"
+    ).view_as(valid)
+    return tok * valid
+
+
+def _sequence_mean_loss(logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Mean token cross-entropy of each row over its target positions (shape ``[rows]``)."""
+    return _token_nll(logits, target, valid).sum(dim=1) / valid.sum(dim=1).clamp(min=1.0)
+
+
+def row_nll(
+    model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's summed target-token cross-entropy and its number of target tokens (``[rows]`` each)."""
+    logits, target, valid = shifted_logits(model, ids, mask)
+    return _token_nll(logits, target, valid).sum(dim=1), valid.sum(dim=1)
+
+
+def per_sample_loss(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean next-token loss of each row over its own target tokens (shape ``[rows]``)."""
+    return _sequence_mean_loss(*shifted_logits(model, ids, mask))
+
+
+def group_sum(values: torch.Tensor, group: torch.Tensor, records: int) -> torch.Tensor:
+    """``values`` of rows summed per record (``group[row]`` is the row's record, ``0..records-1``)."""
+    return values.new_zeros((records, *values.shape[1:])).index_add_(0, group.to(values.device), values)
+
+
+def records_of(group: torch.Tensor | None, rows: int) -> int:
+    """How many records ``rows`` rows hold (one each without ``group``)."""
+    return rows if group is None or rows == 0 else int(group.max()) + 1
+
+
+class Objective(Protocol):
+    """A training kind's loss: one loss per record of the batch (``[records]``)."""
+
+    def __call__(
+        self, model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, group: torch.Tensor | None
+    ) -> torch.Tensor: ...
+
+
+def token_mean(
+    model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, group: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Instruction tuning and continued pretraining: each record's mean next-token loss over its
+    target tokens, across all of its rows (the chunks of a long document count as one record)."""
+    if group is None:
+        return per_sample_loss(model, ids, mask)
+    nll, count = row_nll(model, ids, mask)
+    records = records_of(group, ids.size(0))
+    return group_sum(nll, group, records) / group_sum(count, group, records).clamp(min=1.0)
+
+
+class SequenceLoss(torch.nn.Module):
+    """``per_sample_loss`` as a criterion on ``(logits, target, valid)`` for Opacus ghost clipping.
+
+    Opacus's ``DPLossFastGradientClipping`` switches ``reduction`` to ``"none"`` to get
+    one loss per record (here: per row), then reduces it itself.
+    """
+
+    def __init__(self, reduction: str = "mean") -> None:
+        super().__init__()
+        self.reduction = reduction
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """Per-row losses (``reduction="none"``) or their mean / sum."""
+        loss = _sequence_mean_loss(logits, target, valid)
+        if self.reduction == "none":
+            return loss
+        return loss.sum() if self.reduction == "sum" else loss.mean()
+
+
+@torch.no_grad()
+def evaluate_loss(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, batch: int = 32) -> float:
+    """Target-token-weighted mean next-token loss over a held-out set (prompts excluded)."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0.0
+    for i in range(0, ids.size(0), batch):
+        nll, tokens = row_nll(model, ids[i : i + batch], mask[i : i + batch])
+        total += float(nll.float().sum())
+        count += float(tokens.float().sum())
+    model.train(was_training)
+    return total / max(count, 1.0)
