@@ -66,12 +66,13 @@ def _error(msg: Message, exc: Exception) -> Message:
 def reply_records(out: RoundOutcome) -> RecordDict:
     """The ``metrics``, ``site``, ``scrub`` and ``receipt`` records of a train reply (both paths)."""
     status = "trained" if out.trained else "refused"
+    site: dict[str, Any] = {"name": out.site, "status": status, "reason": out.reason, "key": out.public_key}
+    if out.train_kind:
+        site["train-kind"] = out.train_kind
     content = RecordDict(
         {
             "metrics": MetricRecord({"num-examples": out.num_examples, **out.metrics}),
-            "site": ConfigRecord(
-                {"name": out.site, "status": status, "reason": out.reason, "key": out.public_key}
-            ),
+            "site": ConfigRecord(site),
             "scrub": ConfigRecord(dict(out.scrub_counts)),
         }
     )

@@ -200,18 +200,29 @@ def fingerprint(texts: Sequence[str]) -> str:
     return digest.hexdigest()
 
 
-def load_site_data(pol: SitePolicy) -> SiteData:
-    """Validate, scrub (cached in the state dir by file hash and scrub settings) and split a site's data."""
+def load_site_data(pol: SitePolicy, kind: str = "sft") -> SiteData:
+    """Validate, scrub (cached in the state dir by file hash and scrub settings) and split ``kind``'s records.
+
+    ``sft``: the ``[data] path`` records with their ``text-fields``; ``cpt``: the ``cpt-path`` records,
+    whose ``cpt-fields`` are raw text. Every text field of every kind is scrubbed.
+    """
     from client.policy import scrub_config
     from privacy.pii import get_scrubber
 
-    records = load_records(pol.data_path, pol.data.text_fields, max_chars=pol.data.max_record_chars)
+    where = pol.records_of(kind)
+    if where is None:
+        raise DataError(
+            str(pol.source), None, f"this site has no records for train-kind {kind}",
+            f"set [data] {kind}-path in the site policy, or drop {kind} from [training] allowed-kinds",
+        )  # fmt: skip
+    path, fields = where
+    records = load_records(path, fields, max_chars=pol.data.max_record_chars)
     scrub_cfg = scrub_config(pol)
     settings = (
-        file_sha256(pol.data_path), ",".join(pol.data.text_fields), scrub_cfg.spacy_model, scrub_cfg.operator,
+        file_sha256(path), ",".join(fields), scrub_cfg.spacy_model, scrub_cfg.operator,
         json.dumps(sorted(dict(scrub_cfg.entity_operators).items())), str(scrub_cfg.keep_date_year),
         fingerprint([scrub_cfg.pseudonym_key.decode("latin-1")]) if scrub_cfg.pseudonym_key else "",
-        SCRUB_VERSION,
+        SCRUB_VERSION, kind,
     )  # fmt: skip
     cache = pol.state_dir / "scrub" / f"{fingerprint(settings)[:32]}.json"
     cached = _read_cache(cache)
@@ -220,13 +231,17 @@ def load_site_data(pol: SitePolicy) -> SiteData:
         counts, touched = cached["counts"], cached["records_touched"]
     else:
         scrubber = get_scrubber(scrub_cfg)
-        clean, report = scrubber.scrub_records(records, pol.data.text_fields)
-        examples = [example_of(r, pol.data.text_fields) for r in clean]
+        clean, report = scrubber.scrub_records(records, fields)
+        if kind == "cpt":
+            examples = [Example("", "\n\n".join(str(r[f]) for f in fields)) for r in clean]
+        else:
+            examples = [example_of(r, fields) for r in clean]
         counts, touched = dict(report.counts), report.records_touched
         rows = [[e.instruction, e.response, e.system] for e in examples]
         atomic_write_text(cache, json.dumps({"examples": rows, "counts": counts, "records_touched": touched}))
         # the privacy office's view: counts per entity type, never values
-        atomic_write_text(pol.state_dir / "scrub-report.json", json.dumps(report.to_dict(), indent=2))
+        name = "scrub-report.json" if kind == "sft" else f"scrub-report-{kind}.json"
+        atomic_write_text(pol.state_dir / name, json.dumps(report.to_dict(), indent=2))
     train, held = split_examples(examples, pol.data.eval_fraction)
     return SiteData(tuple(train), tuple(held), fingerprint([e.text for e in train]), counts, touched)
 

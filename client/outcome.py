@@ -23,3 +23,4 @@ class RoundOutcome:
     scrub_counts: dict[str, int] = field(default_factory=dict)
     receipt: dict[str, Any] = field(default_factory=dict)
     public_key: str = ""
+    train_kind: str = ""  # what a trained round trained (sft, cpt)

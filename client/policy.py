@@ -29,6 +29,7 @@ from client.compute import ComputeSection
 from common.config import SITE_NAME
 from common.declare import Rule, above, at_least, fraction, one_of, option, parse, toml_template
 from common.errors import ConfigError
+from common.sections import TRAIN_KINDS
 from privacy.budget import BudgetPolicy
 from privacy.pii import ScrubConfig
 
@@ -91,6 +92,15 @@ class DataSection:
         fraction(0.5),
     )
     max_record_chars: int = option("max-record-chars", 20000, "largest record accepted", at_least(1))
+    cpt_path: str = option(
+        "cpt-path",
+        "",
+        "raw text for continued pretraining (train-kind cpt)",
+        Rule("a JSONL, CSV or Parquet file, or '' (this site has no cpt records)"),
+    )
+    cpt_fields: tuple[str, ...] = option(
+        "cpt-fields", ("text",), "the raw-text fields of a cpt record", Rule("a list of field names", bool)
+    )
     long_records: str = option(
         "long-records",
         "chunk",
@@ -114,6 +124,14 @@ class TrainingSection:
     max_learning_rate: float = option("max-learning-rate", 1.0, "largest learning rate accepted", above(0))
     max_seq_len: int = option("max-seq-len", 4096, "longest sequence accepted", at_least(8))
     max_lora_rank: int = option("max-lora-rank", 256, "largest LoRA rank accepted", at_least(1))
+    allowed_kinds: tuple[str, ...] = option(
+        "allowed-kinds",
+        TRAIN_KINDS,
+        "training kinds this site accepts (a kind also needs its records in [data])",
+        Rule(
+            f"a non-empty list of: {', '.join(TRAIN_KINDS)}", lambda v: bool(v) and set(v) <= set(TRAIN_KINDS)
+        ),
+    )
 
 
 @dataclass(frozen=True)
@@ -206,6 +224,12 @@ class SitePolicy:
     def data_path(self) -> Path:
         """The training records."""
         return self._resolve(self.data.path)
+
+    def records_of(self, kind: str) -> tuple[Path, tuple[str, ...]] | None:
+        """The file and text fields of ``kind``'s records (``None``: this site has none)."""
+        if kind == "cpt":
+            return (self._resolve(self.data.cpt_path), self.data.cpt_fields) if self.data.cpt_path else None
+        return self.data_path, self.data.text_fields
 
     @cached_property
     def model_path(self) -> Path:
@@ -313,11 +337,12 @@ def render_policy(
     allow_seeded_noise: bool = False,
     privacy: Mapping[str, Any] | None = None,
     compute: Mapping[str, Any] | None = None,
+    cpt_path: Path | None = None,
 ) -> str:
     """A complete, commented policy file (every key with its rule), for provisioning and simulations.
 
     ``privacy`` sets further ``[privacy]`` keys (e.g. ``{"max-epsilon-per-round": 2.0}``), ``compute``
-    the ``[compute]`` keys (e.g. ``{"quantization": "nf4"}``).
+    the ``[compute]`` keys (e.g. ``{"quantization": "nf4"}``); ``cpt_path`` the raw-text records.
     """
     site: dict[str, Any] = {"name": name, "state-dir": state_dir}
     if ledger_head is not None:
@@ -326,6 +351,7 @@ def render_policy(
         site["signing-key"] = str(signing_key)
     budget: dict[str, Any] = {"max-epsilon": float(max_epsilon), "delta": float(delta)}
     budget |= {"allow-non-private": allow_non_private, "allow-seeded-noise": allow_seeded_noise}
-    values = {"site": site, "data": {"path": str(data_path)}, "model": {"path": str(model_path)}}
+    data = {"path": str(data_path)} | ({"cpt-path": str(cpt_path)} if cpt_path is not None else {})
+    values = {"site": site, "data": data, "model": {"path": str(model_path)}}
     values |= {"privacy": budget | dict(privacy or {}), "compute": dict(compute or {})}
     return toml_template(SECTIONS, values)

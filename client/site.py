@@ -73,7 +73,8 @@ class SiteAgent:
             head_path=policy.ledger_head,
             site=policy.name,
         )
-        self._data: SiteData | None = None
+        self._data: dict[str, SiteData] = {}  # per training kind
+        self._round_kind = "sft"  # the kind of the request being answered
         self._model: Any = None
         self._lora: LoraSpec | None = None
         self._template: dict[str, Any] = {}
@@ -82,8 +83,8 @@ class SiteAgent:
         self._compute: Compute | None = None
         self.local_rank: int | None = None  # rank 0 of several on this machine (client.distributed)
         self.loads: Counter[str] = Counter()  # what this process loaded, and how often (site worker stats)
-        self._tokens: dict[int, tuple[Tokenized, Tokenized]] = {}
-        self._too_long: dict[int, int] = {}  # records whose response alone exceeds max-seq-len
+        self._tokens: dict[tuple[str, int], tuple[Tokenized, Tokenized]] = {}
+        self._too_long: dict[tuple[str, int], int] = {}  # records whose response exceeds max-seq-len
 
     # ---------------------------------------------------------------- setup (cached)
     def check_state_dir(self) -> None:
@@ -126,13 +127,13 @@ class SiteAgent:
             self._tokenizer = load_tokenizer(self.policy.model_path)
         return data
 
-    def data(self) -> SiteData:
-        """Validated, scrubbed, split site data (cached in memory and in the state dir)."""
-        if self._data is None:
+    def data(self, kind: str = "sft") -> SiteData:
+        """Validated, scrubbed, split records of ``kind`` (cached in memory and in the state dir)."""
+        if kind not in self._data:
             self.check_state_dir()
-            self._data = load_site_data(self.policy)
+            self._data[kind] = load_site_data(self.policy, kind)
             self.loads["data"] += 1
-        return self._data
+        return self._data[kind]
 
     def model_fingerprint(self) -> str:
         """Fingerprint of the site's local base model."""
@@ -174,22 +175,23 @@ class SiteAgent:
             self._tokenizer = load_tokenizer(self.policy.model_path)
         return self._model
 
-    def _tokens_for(self, max_len: int) -> tuple[Tokenized, Tokenized]:
-        """Train and held-out token rows at ``max_len``; refuses if no record fits."""
-        if max_len not in self._tokens:
-            d, chunk = self.data(), self.policy.data.long_records == "chunk"
+    def _tokens_for(self, kind: str, max_len: int) -> tuple[Tokenized, Tokenized]:
+        """Train and held-out token rows of ``kind`` at ``max_len``; refuses if no record fits."""
+        key = (kind, max_len)
+        if key not in self._tokens:
+            d, chunk = self.data(kind), self.policy.data.long_records == "chunk"
             train = tokenize_examples(d.train, self._tokenizer, max_len, chunk=chunk)
             held = tokenize_examples(d.eval, self._tokenizer, max_len, chunk=chunk)
-            self._too_long[max_len] = len(train.too_long) + len(held.too_long)
-            if self._too_long[max_len]:
+            self._too_long[key] = len(train.too_long) + len(held.too_long)
+            if self._too_long[key]:
                 log.warning(
                     "site %s: %d of %d records have a response longer than max-seq-len %d tokens; they "
                     "are left out of training and evaluation (a cut label is never trained on)",
-                    self.policy.name, self._too_long[max_len], len(d.train) + len(d.eval), max_len,
+                    self.policy.name, self._too_long[key], len(d.train) + len(d.eval), max_len,
                 )  # fmt: skip
-            self._tokens[max_len] = (train, held)
+            self._tokens[key] = (train, held)
             self.loads["tokenize"] += 1
-        train, held = self._tokens[max_len]
+        train, held = self._tokens[key]
         if train.records == 0 or held.records == 0:
             raise PolicyViolationError(
                 f"no {'training' if train.records == 0 else 'held-out'} record's response fits in "
@@ -198,6 +200,19 @@ class SiteAgent:
         return train, held
 
     # ---------------------------------------------------------------- step 3: the request vs the site
+    def _check_kind(self, kind: str) -> None:
+        """The site trains ``kind`` only if its policy allows it and it has records for it."""
+        if kind not in self.policy.training.allowed_kinds:
+            raise PolicyViolationError(
+                f"train-kind {kind} is not in the site's [training] allowed-kinds "
+                f"({', '.join(self.policy.training.allowed_kinds)}): the site refuses"
+            )
+        if self.policy.records_of(kind) is None:
+            raise PolicyViolationError(
+                f"the site has no records for train-kind {kind} ([data] {kind}-path is not set): "
+                "the site refuses"
+            )
+
     def _load_global(self, req: TrainRequest, arrays: ArrayRecord) -> Any:
         """The site's model holding the coordinator's global adapter, after checking both."""
         pol = self.policy
@@ -243,16 +258,20 @@ class SiteAgent:
     def train_round(self, arrays: ArrayRecord, request: TrainRequest | Mapping[str, Any]) -> RoundOutcome:
         """Answer one training request: refuse with a recorded reason, or train and reply."""
         pol = self.policy
-        data = self.setup()
+        self.setup()
+        self._round_kind = "sft"
         try:
             req = request if isinstance(request, TrainRequest) else TrainRequest.from_record(request)
         except ConfigError as exc:
             rnd, run = TrainRequest.salvage(request if isinstance(request, Mapping) else {})
             return self._refuse(rnd, run, exc)
         self.ledger.state(expect=(req.ledger_seq, req.ledger_hash))  # LedgerError: stop, write nothing
+        kind = self._round_kind = req.train.train_kind
         try:
+            self._check_kind(kind)
+            data = self.data(kind)
             model = self._load_global(req, arrays)
-            train, held = self._tokens_for(req.train.max_seq_len)
+            train, held = self._tokens_for(kind, req.train.max_seq_len)
             eval_before = evaluate_loss(model, held.ids, held.roles)
             if not math.isfinite(eval_before):
                 raise PolicyViolationError(
@@ -270,6 +289,7 @@ class SiteAgent:
             noise_multiplier=req.train.noise_multiplier,
             private=req.train.dp,
             seeded=req.train.seed >= 0,
+            train_kind=kind,
         )
         try:
             with self.ledger.transaction(expect=(req.ledger_seq, req.ledger_hash)) as tx:
@@ -324,7 +344,7 @@ class SiteAgent:
             "noise-multiplier": plan.noise_multiplier,
             "sample-rate": plan.sample_rate,
             "steps": float(plan.steps),
-            "records-too-long": float(self._too_long.get(req.train.max_seq_len, 0)),
+            "records-too-long": float(self._too_long.get((req.train.train_kind, req.train.max_seq_len), 0)),
         }
         if stats.mean_loss is not None:
             metrics["train-loss"] = stats.mean_loss
@@ -336,7 +356,7 @@ class SiteAgent:
             metrics=commit_metrics,
         )
         out = self._outcome(True, "", self.ledger.state(), commit)
-        out.arrays, out.num_examples = record, train.records
+        out.arrays, out.num_examples, out.train_kind = record, train.records, req.train.train_kind
         out.metrics |= metrics
         if isinstance(entry, Reserve):
             out.metrics |= {"epsilon": entry.epsilon, "epsilon-rdp": entry.epsilon_rdp}
@@ -373,7 +393,9 @@ class SiteAgent:
             trained=trained,
             reason=reason,
             metrics=metrics,
-            scrub_counts=dict(self._data.scrub_counts) if self._data else {},
+            scrub_counts=dict(self._data[self._round_kind].scrub_counts)
+            if self._round_kind in self._data
+            else {},
             receipt=dict(receipt.raw) if receipt is not None else {},
             public_key=self.key.public_pem if self.key else "",
         )
@@ -382,8 +404,9 @@ class SiteAgent:
         """Held-out loss of the global adapter at this site (spends no budget)."""
         self.setup()
         req = request if isinstance(request, TrainRequest) else TrainRequest.from_record(request)
+        self._check_kind(req.train.train_kind)
         model = self._load_global(req, arrays)
-        _, held = self._tokens_for(req.train.max_seq_len)
+        _, held = self._tokens_for(req.train.train_kind, req.train.max_seq_len)
         return evaluate_loss(model, held.ids, held.roles), held.records
 
 

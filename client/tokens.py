@@ -127,8 +127,8 @@ def _chunks(ids: list[int], max_len: int) -> list[Row]:
 def _encode(ex: Example, tokenizer: Any, max_len: int, chunk: bool) -> list[Row] | None:
     """One record's rows within ``max_len``; ``None`` when its label cannot fit."""
     prompt, target, templated = render(ex, tokenizer)
-    p_ids: list[int] = tokenizer(prompt, add_special_tokens=not templated)["input_ids"]
-    t_ids: list[int] = tokenizer(target, add_special_tokens=False)["input_ids"]
+    p_ids: list[int] = tokenizer(prompt, add_special_tokens=not templated, verbose=False)["input_ids"]
+    t_ids: list[int] = tokenizer(target, add_special_tokens=False, verbose=False)["input_ids"]
     if not templated and tokenizer.eos_token_id is not None:
         t_ids.append(int(tokenizer.eos_token_id))
     if not ex.instruction:  # raw text: every token after the first a target

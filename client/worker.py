@@ -54,6 +54,7 @@ _OUTCOME_FIELDS = (
     "scrub_counts",
     "receipt",
     "public_key",
+    "train_kind",
 )
 
 

@@ -25,6 +25,8 @@ __all__ = [
 
 _MODULE = re.compile(r"[A-Za-z_][A-Za-z0-9_.]{0,127}")
 AGGREGATIONS = ("fedavg", "median", "trimmed-mean", "krum")
+TRAIN_KINDS = ("sft", "cpt")
+"""What a round trains: instruction tuning (sft) or continued pretraining on raw text (cpt)."""
 MODULUS = 2**32  # Flower's SecAgg+ mask modulus
 
 
@@ -80,6 +82,13 @@ class TrainConfig:
         0.0,
         "DP noise multiplier",
         Rule("0 (each site calibrates to its budget) or a number in (0, 1e4]", within(0, 1e4).check),
+    )
+    train_kind: str = option(
+        "train-kind",
+        "sft",
+        "what the sites train: sft (instruction -> response, loss on the response) or cpt (continued "
+        "pretraining on raw text); each site's policy says which it allows and where the records are",
+        one_of(TRAIN_KINDS),
     )
     max_seq_len: int = option("max-seq-len", 256, "tokens per record", within(8, 1000000))
     dp: bool = option(

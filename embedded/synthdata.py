@@ -34,9 +34,12 @@ from embedded.synthvocab import (
 )
 
 __all__ = [
-    "SITE_PROFILES", "PlantedPII", "SiteProfile", "generate_site_records", "site_names",
-    "write_synthetic_sites",
+    "KINDS", "SITE_PROFILES", "PlantedPII", "SiteProfile", "generate_site_documents",
+    "generate_site_records", "site_names", "write_synthetic_sites",
 ]  # fmt: skip
+
+KINDS = ("sft", "cpt")
+"""What ``write_synthetic_sites`` writes: instruction records (sft) and raw documents (cpt, in ``cpt/``)."""
 
 
 @dataclass(frozen=True)
@@ -215,10 +218,50 @@ def generate_site_records(
     return records, planted
 
 
+def generate_site_documents(
+    site_index: int, n_documents: int, *, seed: int = 0
+) -> tuple[list[dict[str, str]], list[PlantedPII]]:
+    """Raw clinical documents of one site (``{"id", "text"}``) for continued pretraining.
+
+    Each document is one patient's course: 1-6 of the site's notes about the same patient, with a
+    visit header each, so their lengths differ widely (about 160-1400 tokens of the embedded
+    tokenizer) and most are chunked at the default ``max-seq-len`` of 256. The same identifiers are planted.
+    """
+    if site_index < 0 or n_documents < 0:
+        raise ValueError(f"site_index and n_documents must be >= 0, got {site_index}, {n_documents}")
+    profile = SITE_PROFILES[site_index % len(SITE_PROFILES)]
+    name = site_names(site_index + 1)[site_index]
+    rng = random.Random(f"fedtune-synth-cpt:{seed}:{site_index}")
+    documents: list[dict[str, str]] = []
+    planted: list[PlantedPII] = []
+    for i in range(n_documents):
+        doc_id = f"{name}-doc-{i:05d}"
+        plant: list[tuple[str, str]] = []
+        slots = _slots(profile, rng, plant)
+        visits = rng.choice((1, 1, 2, 3, 4, 6))
+        notes = [
+            f"Visit {v + 1} of {visits}.\n{rng.choice(profile.notes).format(**slots).strip()}"
+            for v in range(visits)
+        ]
+        text = f"{profile.specialty.title()} record.\n\n" + "\n\n".join(notes)
+        documents.append({"id": doc_id, "text": text})
+        seen: set[tuple[str, str]] = set()
+        for entity_type, value in plant:
+            if (entity_type, value) not in seen and value in text:
+                seen.add((entity_type, value))
+                planted.append(PlantedPII(doc_id, entity_type, value))
+    return documents, planted
+
+
 def write_synthetic_sites(
-    out_dir: Path, *, sites: int = 3, records_per_site: int = 240, seed: int = 0
+    out_dir: Path,
+    *,
+    sites: int = 3,
+    records_per_site: int = 240,
+    seed: int = 0,
+    kinds: tuple[str, ...] = KINDS,
 ) -> list[Path]:
-    """Write ``<site>.jsonl`` and its ``<site>.pii.json`` answer key per site.
+    """Write ``<site>.jsonl`` and its ``<site>.pii.json`` answer key per site (and ``cpt/<site>.*``).
 
     Parameters
     ----------
@@ -230,21 +273,33 @@ def write_synthetic_sites(
         Records per site.
     seed
         Base seed (see :func:`generate_site_records`).
+    kinds
+        ``sft``: instruction records in ``out_dir``; ``cpt``: raw documents (half as many) in
+        ``out_dir/cpt/``, each with its answer key.
 
     Returns
     -------
     list[Path]
-        The JSONL paths, one per site, in site order.  The ``.pii.json`` files
+        The JSONL paths, one per site and kind, in site order.  The ``.pii.json`` files
         are for tests only and must never be fed to training.
     """
+    unknown = sorted(set(kinds) - set(KINDS))
+    if unknown:
+        raise ValueError(f"unknown kinds {unknown}: use {', '.join(KINDS)}")
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     paths: list[Path] = []
     for index, name in enumerate(site_names(sites)):
-        records, planted = generate_site_records(index, records_per_site, seed=seed)
-        path = out_dir / f"{name}.jsonl"
-        atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-        key = json.dumps([asdict(p) for p in planted], ensure_ascii=False, indent=1)
-        atomic_write_text(out_dir / f"{name}.pii.json", key + "\n")
-        paths.append(path)
+        for kind in kinds:
+            if kind == "sft":
+                records, planted = generate_site_records(index, records_per_site, seed=seed)
+                folder = out_dir
+            else:
+                records, planted = generate_site_documents(index, max(1, records_per_site // 2), seed=seed)
+                folder = out_dir / kind
+            folder.mkdir(parents=True, exist_ok=True)
+            path = folder / f"{name}.jsonl"
+            atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+            key = json.dumps([asdict(p) for p in planted], ensure_ascii=False, indent=1)
+            atomic_write_text(folder / f"{name}.pii.json", key + "\n")
+            paths.append(path)
     return paths

@@ -46,11 +46,19 @@ def data_synth(
     sites: Annotated[int, typer.Option(min=1, help="Number of sites.")] = 3,
     records: Annotated[int, typer.Option(min=10, help="Records per site.")] = 240,
     seed: Annotated[int, typer.Option(help="Generator seed.")] = 0,
+    kind: Annotated[
+        list[str] | None,
+        typer.Option(help="sft (instruction records) or cpt (raw documents, in OUT/cpt/); default both."),
+    ] = None,
 ) -> None:
     """Write synthetic, non-IID, PII-laden clinical notes for each site."""
-    from embedded.synthdata import write_synthetic_sites
+    from embedded.synthdata import KINDS, write_synthetic_sites
 
-    for p in write_synthetic_sites(out, sites=sites, records_per_site=records, seed=seed):
+    kinds = tuple(kind or KINDS)
+    if unknown := sorted(set(kinds) - set(KINDS)):
+        console.print(f"[red]--kind {unknown[0]!r} is not one of {', '.join(KINDS)}[/red]")
+        raise typer.Exit(2)
+    for p in write_synthetic_sites(out, sites=sites, records_per_site=records, seed=seed, kinds=kinds):
         console.print(f"wrote {p}")
 
 

@@ -218,7 +218,7 @@ def _statuses(audit: LedgerAudit, verifier: Verifier | None) -> list[Reserve | R
             status.update_sha256 = e.update_sha256
         if isinstance(e, Reserve):
             status.parameters = {k: raw[k] for k in (*_MECHANISM, "max_epsilon", "epsilon", "epsilon_rdp")}
-            status.parameters["accountant"] = e.accountant
+            status.parameters |= {"accountant": e.accountant, "train_kind": e.train_kind}
             status.private = not e.seeded_noise
         if isinstance(e, Release):
             status.private = False

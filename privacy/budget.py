@@ -129,6 +129,7 @@ class RoundRequest:
     noise_multiplier: float = 0.0
     private: bool = True
     seeded: bool = False
+    train_kind: str = "sft"
 
 
 @dataclass(frozen=True)
@@ -286,8 +287,9 @@ def admit(
     if not grant.private:
         reason = "the coordinator asked for a non-private round and the site policy allows it"
         return grant, tx.release_round(
-            round=req.round, run_id=req.run_id, data_fingerprint=data_fingerprint, reason=reason
-        )
+            round=req.round, run_id=req.run_id, data_fingerprint=data_fingerprint, reason=reason,
+            train_kind=req.train_kind,
+        )  # fmt: skip
     entry = tx.reserve(
         round=req.round,
         run_id=req.run_id,
@@ -298,5 +300,6 @@ def admit(
         data_fingerprint=data_fingerprint,
         accountant=policy.accountant,
         seeded_noise=req.seeded,
+        train_kind=req.train_kind,
     )
     return grant, entry

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from common.errors import BudgetExceededError, ConfigError, PolicyViolationError
+from common.sections import TRAIN_KINDS
 from privacy.accounting import ACCOUNTANTS, MechanismStep, accounting_settings, epsilon
 from privacy.ledger_checks import LedgerError, walk
 from privacy.ledger_entries import (
@@ -96,6 +97,7 @@ class Transaction:
         data_fingerprint: str,
         accountant: str = "prv",
         seeded_noise: bool = False,
+        train_kind: str = "sft",
     ) -> Reserve:
         """Reserve budget for one round; refuse (and record) past ``max_epsilon`` or a trained round.
 
@@ -109,6 +111,10 @@ class Transaction:
             An invalid argument, or ``delta`` differs from the ledger's (then ``refuse`` is appended).
         """
         _check_reserve_args(round, run_id, max_grad_norm, delta, max_epsilon, data_fingerprint, accountant)
+        if train_kind not in TRAIN_KINDS:
+            raise ConfigError(
+                "ledger reservation", [f"train_kind must be one of {TRAIN_KINDS}, got {train_kind!r}"]
+            )
         state = self.state
         ledger_delta = state.delta if state.delta is not None else delta
         after = [*state.history(), step]
@@ -148,18 +154,24 @@ class Transaction:
             raise BudgetExceededError(budget=max_epsilon, spent=spent, requested=requested, delta=delta)
         fields = {"kind": "reserve", **who, **request, "epsilon": eps_prv, "epsilon_rdp": eps_rdp}
         fields |= {"data_fingerprint": data_fingerprint, "seeded_noise": bool(seeded_noise)}
-        fields["accounting"] = accounting_settings()
+        fields |= {"accounting": accounting_settings(), "train_kind": train_kind}
         entry = self.append(fields)
         assert isinstance(entry, Reserve)
         return entry
 
-    def release_round(self, *, round: int, run_id: str, data_fingerprint: str, reason: str) -> Release:
+    def release_round(
+        self, *, round: int, run_id: str, data_fingerprint: str, reason: str, train_kind: str = "sft"
+    ) -> Release:
         """Record, before training, a round that trains WITHOUT differential privacy."""
+        if train_kind not in TRAIN_KINDS:
+            raise ConfigError(
+                "ledger release", [f"train_kind must be one of {TRAIN_KINDS}, got {train_kind!r}"]
+            )
         if why := _order_problem(self.state, run_id, round):
             self.refuse(round=round, run_id=run_id, reason=why)
             raise PolicyViolationError(f"{self._ledger.path}: refused: {why}")
         fields = {"kind": "release", "round": round, "run_id": run_id, "data_fingerprint": data_fingerprint}
-        entry = self.append(fields | {"reason": reason})
+        entry = self.append(fields | {"reason": reason, "train_kind": train_kind})
         assert isinstance(entry, Release)
         return entry
 

@@ -7,7 +7,8 @@ site signs, ``signature``. The kinds:
 ``reserve``
     Budget reserved for one DP round before training (write-ahead): the mechanism (noise, sample rate,
     steps, clip, delta), the cumulative epsilon it brings, the data fingerprint, whether the noise was
-    seeded (testing only: not private) and the accounting settings the epsilon was computed with.
+    seeded (testing only: not private), the accounting settings the epsilon was computed with and the
+    training kind (``train_kind``: sft or cpt; every kind spends the one budget).
 ``release``
     A round trained WITHOUT differential privacy (only where the site policy allows it): an unbounded
     release of the records; every later epsilon of this ledger is infinite.
@@ -27,6 +28,8 @@ import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
+
+from common.sections import TRAIN_KINDS
 
 __all__ = [
     "GENESIS_HASH",
@@ -124,6 +127,7 @@ _RULES: dict[str, Rule] = {
     "num_examples": (_int, "an integer >= 0"),
     "metrics": (_numbers, "an object of numbers"),
     "reason": (_string, "a string"),
+    "train_kind": (lambda v: v in TRAIN_KINDS, f"one of {', '.join(TRAIN_KINDS)}"),
 }
 
 
@@ -148,7 +152,7 @@ class Reserve(Entry):
     """Budget reserved before a DP round trains."""
 
     kind: ClassVar[str] = "reserve"
-    optional: ClassVar[tuple[str, ...]] = ("signature", "seeded_noise", "accounting")
+    optional: ClassVar[tuple[str, ...]] = ("signature", "seeded_noise", "accounting", "train_kind")
     noise_multiplier: float
     sample_rate: float
     steps: int
@@ -161,6 +165,7 @@ class Reserve(Entry):
     data_fingerprint: str
     seeded_noise: bool = False
     accounting: Mapping[str, Any] = field(default_factory=dict)
+    train_kind: str = "sft"  # absent in entries written before training kinds existed
 
     @property
     def epsilon_of_record(self) -> float:
@@ -173,8 +178,10 @@ class Release(Entry):
     """A round trained without differential privacy: an unbounded release of the records."""
 
     kind: ClassVar[str] = "release"
+    optional: ClassVar[tuple[str, ...]] = ("signature", "train_kind")
     data_fingerprint: str
     reason: str
+    train_kind: str = "sft"
 
 
 @dataclass(frozen=True, kw_only=True)

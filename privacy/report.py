@@ -273,6 +273,7 @@ def _table(header: list[str], rows: list[list[Any]]) -> str:
 
 _MECHANISM: tuple[str, ...] = (
     "round",
+    "train_kind",
     "noise_multiplier",
     "sample_rate",
     "steps",
@@ -288,6 +289,7 @@ _HEADERS |= {
     "rounds_trained": "rounds trained",
     "noise_multiplier": "noise mult.",
     "sample_rate": "sample rate",
+    "train_kind": "kind",
 }
 
 

@@ -106,6 +106,7 @@ def run_federation(
     rules = UpdateRules(
         template, state.run_id, cfg.aggregation.max_update_norm, cfg.aggregation.update_norm_ratio,
         weighting=cfg.aggregation.weighting, max_weight_share=cfg.aggregation.max_weight_share,
+        train_kind=cfg.train.train_kind,
     )  # fmt: skip
     strategy = Guard(inner, rules, registry, equal_weights=site_dp is not None)
     train_round = make_round(grid, strategy, cfg)

@@ -17,6 +17,7 @@ from flwr.app import ArrayRecord, Message
 
 from common.arrays import payload_bytes
 from common.config import SITE_NAME
+from common.sections import TRAIN_KINDS
 from privacy.ledger_checks import parse_json
 
 __all__ = ["EvalReply", "SiteReply", "TrainReply", "parse_evaluate", "parse_train"]
@@ -29,7 +30,7 @@ _METRICS_TRAINED = frozenset(
     {"eval-loss-before", "train-batches", "noise-multiplier", "sample-rate", "steps"}
 )
 _METRICS_OPTIONAL = frozenset({"epsilon", "epsilon-rdp", "train-loss", "records-too-long"})
-_SITE_KEYS = frozenset({"name", "status", "reason", "key"})
+_SITE_KEYS = frozenset({"name", "status", "reason", "key", "train-kind"})
 
 
 @dataclass
@@ -45,6 +46,7 @@ class SiteReply:
     bytes_up: int = 0
     receipt: dict[str, Any] = field(default_factory=dict)  # the ledger entry the site answered with
     public_key: str = ""
+    train_kind: str = "sft"  # what the site says it trained (absent from older sites: sft)
 
     def reject(self, reason: str) -> None:
         """Mark the reply rejected (it is logged and left out of the round)."""
@@ -121,6 +123,10 @@ def _site(msg: Message, row: SiteReply, statuses: tuple[str, ...]) -> str:
     if not isinstance(key, str) or len(key) > 1000:
         return "the 'key' in the 'site' record is not a PEM public key"
     row.public_key = key
+    kind = site.get("train-kind", "sft")
+    if kind not in TRAIN_KINDS:
+        return f"unknown train-kind {_text(repr(kind), 40)} in the 'site' record"
+    row.train_kind = str(kind)
     return ""
 
 

@@ -63,6 +63,7 @@ class UpdateRules:
     max_num_examples: int = 100_000_000
     weighting: str = "num-examples"  # or "equal"
     max_weight_share: float = 1.0  # no site's share of the aggregate above this (1 = off)
+    train_kind: str = "sft"  # what the run asked every site to train
 
 
 def capped_weights(weights: list[float], cap: float) -> list[float]:
@@ -264,6 +265,8 @@ class Guard(Strategy):
         problem = self._receipt(row) or self._identity(row)
         if problem or row.status != "trained" or p.arrays is None:
             return problem
+        if row.train_kind != rules.train_kind:
+            return f"the site trained {row.train_kind} but the run asked for {rules.train_kind}"
         problems = check_update(p.arrays, rules.template)
         n = row.metrics["num-examples"]
         if not 0 < n <= rules.max_num_examples:

@@ -13,6 +13,7 @@ import pytest
 from embedded.synthdata import (
     SITE_PROFILES,
     PlantedPII,
+    generate_site_documents,
     generate_site_records,
     site_names,
     write_synthetic_sites,
@@ -109,7 +110,7 @@ def test_pii_formats_vary() -> None:
 
 def test_write_synthetic_sites(tmp_path: Path) -> None:
     start = time.perf_counter()
-    paths = write_synthetic_sites(tmp_path / "sites", sites=3, records_per_site=240, seed=0)
+    paths = write_synthetic_sites(tmp_path / "sites", sites=3, records_per_site=240, seed=0, kinds=("sft",))
     assert time.perf_counter() - start < 1.0
     assert [p.name for p in paths] == [f"{n}.jsonl" for n in site_names(3)]
     assert sorted(f.name for f in (tmp_path / "sites").iterdir()) == sorted(
@@ -124,8 +125,24 @@ def test_write_synthetic_sites(tmp_path: Path) -> None:
         assert key == [
             {"record_id": p.record_id, "entity_type": p.entity_type, "value": p.value} for p in planted
         ]
-    again = write_synthetic_sites(tmp_path / "sites", sites=3, records_per_site=240, seed=0)
+    again = write_synthetic_sites(tmp_path / "sites", sites=3, records_per_site=240, seed=0, kinds=("sft",))
     assert again == paths and len(list((tmp_path / "sites").iterdir())) == 6
+
+
+def test_raw_documents_for_continued_pretraining_vary_in_length_and_carry_pii(tmp_path: Path) -> None:
+    paths = write_synthetic_sites(tmp_path, sites=2, records_per_site=60, seed=0)
+    cpt = [p for p in paths if p.parent.name == "cpt"]
+    assert [p.name for p in cpt] == [f"{n}.jsonl" for n in site_names(2)]
+    docs = [json.loads(line) for line in cpt[0].read_text(encoding="utf-8").splitlines()]
+    assert len(docs) == 30 and all(set(d) == {"id", "text"} for d in docs)
+    lengths = sorted(len(d["text"]) for d in docs)
+    assert lengths[-1] > 4 * lengths[0]  # one-visit notes and long courses
+    key = json.loads((cpt[0].parent / f"{cpt[0].stem}.pii.json").read_text(encoding="utf-8"))
+    texts = {d["id"]: d["text"] for d in docs}
+    assert key and all(k["value"] in texts[k["record_id"]] for k in key)
+    assert generate_site_documents(0, 30, seed=0)[0] == docs  # deterministic
+    with pytest.raises(ValueError, match="unknown kinds"):
+        write_synthetic_sites(tmp_path, kinds=("dpo",))
 
 
 def test_rejects_negative_sizes() -> None:

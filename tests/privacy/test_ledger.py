@@ -16,7 +16,7 @@ from common.errors import BudgetExceededError, ConfigError, PolicyViolationError
 from privacy import accounting
 from privacy.accounting import MechanismStep, epsilon
 from privacy.ledger import GENESIS_HASH, LedgerError, PrivacyLedger
-from privacy.ledger_entries import Reserve
+from privacy.ledger_entries import Reserve, entry_hash, from_dict
 
 DELTA = 1e-5
 STEP = MechanismStep(1.0, 0.01, 100)  # epsilon: 1 round ~0.728, 2 ~0.923, 3 ~1.078 (PRV)
@@ -236,3 +236,19 @@ def test_concurrent_reservations_never_overspend(ledger: PrivacyLedger) -> None:
     assert sorted(outcomes) == ["refused", "refused", "reserved", "reserved"]  # 2 rounds fit in 1.0
     assert ledger.verify_chain() == []
     assert ledger.spent(delta=DELTA) <= 1.0
+
+
+def test_the_training_kind_is_recorded_and_checked(ledger: PrivacyLedger) -> None:
+    """Every kind spends the one budget; an entry without a kind is an older sft round."""
+    cpt = _reserve(ledger, 0, train_kind="cpt")
+    assert cpt.train_kind == "cpt" and cpt.raw["train_kind"] == "cpt"
+    with pytest.raises(ConfigError, match="train_kind must be one of"):
+        _reserve(ledger, 1, train_kind="rlhf")
+    legacy = {k: v for k, v in cpt.raw.items() if k not in ("train_kind", "hash")}
+    legacy["hash"] = entry_hash(legacy)
+    entry, problems = from_dict(legacy)
+    assert not problems and isinstance(entry, Reserve) and entry.train_kind == "sft"
+    bad = dict(legacy, train_kind="rlhf")
+    assert from_dict(bad)[1] == ["'train_kind' must be one of sft, cpt, got 'rlhf'"]
+    second = _reserve(ledger, 1)
+    assert second.raw["epsilon"] > cpt.raw["epsilon"]  # the sft round adds to the cpt round's epsilon

@@ -169,6 +169,14 @@ def _weight_key(c: RecordDict) -> None:
     c.metric_records["metrics"]["site-weight"] = 2.0
 
 
+def _other_kind(c: RecordDict) -> None:
+    c.config_records["site"]["train-kind"] = "cpt"
+
+
+def _unknown_kind(c: RecordDict) -> None:
+    c.config_records["site"]["train-kind"] = "rlhf"
+
+
 def _no_receipt_hash(c: RecordDict) -> None:
     c["receipt"] = ConfigRecord({"entry": '{"kind": "commit", "round": 1, "run_id": "r", "seq": 1}'})
 
@@ -182,6 +190,8 @@ def _no_receipt_hash(c: RecordDict) -> None:
         (_no_metric, "missing metric keys ['steps']"),
         (_weight_key, "unexpected metric keys ['site-weight']"),
         (_no_receipt_hash, "does not match its own hash"),
+        (_other_kind, "the site trained cpt but the run asked for sft"),
+        (_unknown_kind, "unknown train-kind 'rlhf'"),
     ],
 )
 def test_one_bad_reply_is_rejected_and_the_round_aggregates_the_rest(change: object, why: str) -> None:
