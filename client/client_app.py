@@ -188,16 +188,16 @@ def handle_evaluate(msg: Message, context: Context, overrides: Mapping[str, Any]
                 "the coordinator's evaluate message lacks its 'config' or 'arrays' record"
             )
         if node.worker:
-            loss, n, name = WorkerClient(node.worker).evaluate(arrays, dict(config))
+            metrics, n, name = WorkerClient(node.worker).evaluate(arrays, dict(config))
         else:
             agent = _agent(node)
-            (loss, n), name = agent.evaluate(arrays, dict(config)), agent.policy.name
+            (metrics, n), name = agent.evaluate(arrays, dict(config)), agent.policy.name
     except FedtuneError as exc:
         return _error(msg, exc)
     return Message(
         RecordDict(
             {
-                "metrics": MetricRecord({"eval-loss": loss, "num-examples": n}),
+                "metrics": MetricRecord({**metrics, "num-examples": n}),
                 "site": ConfigRecord({"name": name, "status": "evaluated"}),
             }
         ),

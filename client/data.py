@@ -23,7 +23,7 @@ from common.fsutil import atomic_write_text, file_sha256
 if TYPE_CHECKING:
     from client.policy import SitePolicy
 
-SCRUB_VERSION = "3"  # bump whenever scrubbing output changes: cached scrubbed text is then redone
+SCRUB_VERSION = "5"  # bump whenever scrubbing output changes: cached scrubbed text is then redone
 
 FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".parquet": "parquet"}
 
@@ -131,6 +131,9 @@ def load_records(path: Path, fields: Sequence[str], *, max_chars: int = 20000) -
                     f"record has no field '{f}'",
                     f"add '{f}' or change [data] text-fields in the site policy",
                 )
+            if f == "messages":
+                size += _check_messages(path, line, value)
+                continue
             if not isinstance(value, str) or not value.strip():
                 raise DataError(
                     str(path),
@@ -160,6 +163,44 @@ def load_records(path: Path, fields: Sequence[str], *, max_chars: int = 20000) -
     if not records:
         raise DataError(str(path), None, "the file holds no records", "point [data] path at a non-empty file")
     return records
+
+
+ROLES = ("system", "user", "assistant")
+_MESSAGES_FIX = 'use [{"role": "user", "content": ...}, {"role": "assistant", "content": ...}, ...]'
+
+
+def _check_messages(path: Path, line: int | None, value: object) -> int:
+    """A conversation's problems as a ``DataError`` (file:line); its number of characters when fine."""
+
+    def bad(problem: str) -> DataError:
+        return DataError(str(path), line, f"field 'messages' {problem}", _MESSAGES_FIX)
+
+    if not isinstance(value, list) or not value:
+        raise bad("is not a non-empty list of turns")
+    size = 0
+    for i, turn in enumerate(value):
+        if not isinstance(turn, dict) or set(turn) != {"role", "content"}:
+            raise bad(f"turn {i} is not an object with exactly 'role' and 'content'")
+        if turn["role"] not in ROLES:
+            raise bad(f"turn {i} has role {str(turn['role'])[:20]!r}; roles are {', '.join(ROLES)}")
+        content = turn["content"]
+        if not isinstance(content, str) or not content.strip():
+            raise bad(f"turn {i} has empty or non-text content")
+        try:
+            content.encode("utf-8")
+        except UnicodeEncodeError:
+            raise bad(f"turn {i} holds an unpaired UTF-16 surrogate") from None
+        size += len(content)
+    if value[-1]["role"] != "assistant" or not any(t["role"] == "user" for t in value):
+        raise bad("must hold a user turn and end with the assistant's turn (the answer trained on)")
+    return size
+
+
+def _flat_turns(records: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[str]]:
+    """Each conversation's turns as fields ``turn0``, ``turn1``... so the scrubber sees every one."""
+    longest = max((len(r["messages"]) for r in records), default=0)
+    flat = [{f"turn{i}": m["content"] for i, m in enumerate(r["messages"])} for r in records]
+    return flat, [f"turn{i}" for i in range(longest)]
 
 
 def is_eval(text: str, eval_fraction: float) -> bool:
@@ -204,7 +245,8 @@ def load_site_data(pol: SitePolicy, kind: str = "sft") -> SiteData:
     """Validate, scrub (cached in the state dir by file hash and scrub settings) and split ``kind``'s records.
 
     ``sft``: the ``[data] path`` records with their ``text-fields``; ``cpt``: the ``cpt-path`` records,
-    whose ``cpt-fields`` are raw text. Every text field of every kind is scrubbed.
+    whose ``cpt-fields`` are raw text; ``dpo``: the ``dpo-path`` pairs (``dpo-fields``: prompt, chosen,
+    rejected). Every text field of every kind is scrubbed.
     """
     from client.policy import scrub_config
     from privacy.pii import get_scrubber
@@ -227,17 +269,32 @@ def load_site_data(pol: SitePolicy, kind: str = "sft") -> SiteData:
     cache = pol.state_dir / "scrub" / f"{fingerprint(settings)[:32]}.json"
     cached = _read_cache(cache)
     if cached is not None:
-        examples = [Example(*e) for e in cached["examples"]]
+        examples = [
+            Example(e[0], e[1], e[2], e[3], tuple((r, c) for r, c in e[4])) for e in cached["examples"]
+        ]
         counts, touched = cached["counts"], cached["records_touched"]
     else:
         scrubber = get_scrubber(scrub_cfg)
-        clean, report = scrubber.scrub_records(records, fields)
+        if tuple(fields) == ("messages",):  # a name in one turn is scrubbed in every turn of the record
+            flat, turn_fields = _flat_turns(records)
+            scrubbed, report = scrubber.scrub_records(flat, turn_fields)
+            clean: list[dict[str, object]] = [
+                {"messages": [dict(m, content=t[f"turn{i}"]) for i, m in enumerate(r["messages"])]}
+                for r, t in zip(records, scrubbed, strict=True)
+            ]
+        else:
+            clean, report = scrubber.scrub_records(records, fields)
         if kind == "cpt":
             examples = [Example("", "\n\n".join(str(r[f]) for f in fields)) for r in clean]
+        elif kind == "dpo":
+            prompt, chosen, rejected = fields
+            examples = [Example(str(r[prompt]), str(r[chosen]), "", str(r[rejected])) for r in clean]
         else:
             examples = [example_of(r, fields) for r in clean]
         counts, touched = dict(report.counts), report.records_touched
-        rows = [[e.instruction, e.response, e.system] for e in examples]
+        rows = [
+            [e.instruction, e.response, e.system, e.rejected, [list(t) for t in e.turns]] for e in examples
+        ]
         atomic_write_text(cache, json.dumps({"examples": rows, "counts": counts, "records_touched": touched}))
         # the privacy office's view: counts per entity type, never values
         name = "scrub-report.json" if kind == "sft" else f"scrub-report-{kind}.json"
@@ -255,10 +312,17 @@ def _read_cache(path: Path) -> dict[str, Any] | None:
     ok = (
         isinstance(cached, dict)
         and isinstance(cached.get("examples"), list)
-        and all(
-            isinstance(e, list) and len(e) == 3 and all(isinstance(x, str) for x in e)
-            for e in cached["examples"]
-        )
+        and all(_cached_row(e) for e in cached["examples"])
         and isinstance(cached.get("counts"), dict)
     )
     return cached if ok and isinstance(cached.get("records_touched"), int) else None
+
+
+def _cached_row(row: object) -> bool:
+    """One cached example: four strings and a list of ``[role, content]`` turns."""
+    if not (isinstance(row, list) and len(row) == 5 and all(isinstance(x, str) for x in row[:4])):
+        return False
+    turns = row[4]
+    return isinstance(turns, list) and all(
+        isinstance(t, list) and len(t) == 2 and all(isinstance(x, str) for x in t) for t in turns
+    )

@@ -12,6 +12,7 @@ positions that predict a ``TARGET`` token (a 0/1 mask: every real token).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -126,3 +127,75 @@ def evaluate_loss(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor,
         count += float(tokens.float().sum())
     model.train(was_training)
     return total / max(count, 1.0)
+
+
+def _pair_rows(group: torch.Tensor | None, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row indices of each pair's chosen and rejected answer (two adjacent rows per pair)."""
+    if group is None or rows % 2 or not torch.equal(group.cpu(), torch.arange(rows) // 2):
+        raise ValueError("preference pairs need exactly two rows per record: chosen, then rejected")
+    chosen = torch.arange(0, rows, 2)
+    return chosen, chosen + 1
+
+
+def _base_of(model: torch.nn.Module) -> torch.nn.Module:
+    """The PEFT model inside Opacus's wrapper (its ``disable_adapter`` gives the reference model)."""
+    return getattr(model, "_module", model)
+
+
+def sequence_logps(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Each row's log-probability of its target tokens (the answer, given the prompt)."""
+    return -row_nll(model, ids, mask)[0]
+
+
+def reference_logps(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """:func:`sequence_logps` of the base model: the same model with its LoRA adapter disabled."""
+    with torch.no_grad(), _base_of(model).disable_adapter():  # type: ignore[operator]
+        return sequence_logps(_base_of(model), ids, mask)
+
+
+def dpo_margins(
+    model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, group: torch.Tensor | None, beta: float
+) -> torch.Tensor:
+    """Each pair's reward margin ``beta * ((logp_c - ref_c) - (logp_r - ref_r))`` (``[pairs]``)."""
+    chosen, rejected = _pair_rows(group, ids.size(0))
+    ratio = sequence_logps(model, ids, mask) - reference_logps(model, ids, mask).to(ids.device)
+    ratio = ratio.to(torch.float32)
+    return beta * (ratio[chosen] - ratio[rejected])
+
+
+@dataclass(frozen=True)
+class DPO:
+    """Direct preference optimisation: ``-log sigmoid(margin)`` per pair; the pair is the privacy unit.
+
+    The reference is the base model itself (the adapter disabled), so it needs no second copy.
+    """
+
+    beta: float = 0.1
+
+    def __call__(
+        self, model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, group: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Each pair's DPO loss (``[pairs]``)."""
+        return torch.nn.functional.softplus(-dpo_margins(model, ids, mask, group, self.beta))
+
+
+@torch.no_grad()
+def evaluate_pairs(
+    model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, beta: float, batch: int = 32
+) -> dict[str, float]:
+    """Held-out DPO loss, mean reward margin and accuracy (share of pairs with margin > 0)."""
+    was_training = model.training
+    model.eval()
+    margins = []
+    for i in range(0, ids.size(0), 2 * batch):
+        rows = min(2 * batch, ids.size(0) - i)
+        group = torch.arange(rows) // 2
+        margins.append(dpo_margins(model, ids[i : i + rows], mask[i : i + rows], group, beta).float().cpu())
+    model.train(was_training)
+    m = torch.cat(margins)
+    loss = float(torch.nn.functional.softplus(-m).mean())
+    return {
+        "eval-loss": loss,
+        "reward-margin": float(m.mean()),
+        "reward-accuracy": float((m > 0).float().mean()),
+    }

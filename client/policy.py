@@ -82,6 +82,7 @@ class DataSection:
         "text-fields",
         ("instruction", "response"),
         "instruction + response (+ system): the prompt is read, only the response learned; "
+        "messages: a multi-turn conversation, every assistant turn learned; "
         "other fields: raw text, every token learned",
         Rule("a list of field names", bool),
     )
@@ -100,6 +101,18 @@ class DataSection:
     )
     cpt_fields: tuple[str, ...] = option(
         "cpt-fields", ("text",), "the raw-text fields of a cpt record", Rule("a list of field names", bool)
+    )
+    dpo_path: str = option(
+        "dpo-path",
+        "",
+        "preference pairs for preference tuning (train-kind dpo)",
+        Rule("a JSONL, CSV or Parquet file, or '' (this site has no dpo records)"),
+    )
+    dpo_fields: tuple[str, ...] = option(
+        "dpo-fields",
+        ("prompt", "chosen", "rejected"),
+        "a dpo record's prompt, chosen and rejected fields, in that order",
+        Rule("a list of three field names", lambda v: len(v) == 3),
     )
     long_records: str = option(
         "long-records",
@@ -229,6 +242,8 @@ class SitePolicy:
         """The file and text fields of ``kind``'s records (``None``: this site has none)."""
         if kind == "cpt":
             return (self._resolve(self.data.cpt_path), self.data.cpt_fields) if self.data.cpt_path else None
+        if kind == "dpo":
+            return (self._resolve(self.data.dpo_path), self.data.dpo_fields) if self.data.dpo_path else None
         return self.data_path, self.data.text_fields
 
     @cached_property
@@ -338,11 +353,13 @@ def render_policy(
     privacy: Mapping[str, Any] | None = None,
     compute: Mapping[str, Any] | None = None,
     cpt_path: Path | None = None,
+    dpo_path: Path | None = None,
 ) -> str:
     """A complete, commented policy file (every key with its rule), for provisioning and simulations.
 
     ``privacy`` sets further ``[privacy]`` keys (e.g. ``{"max-epsilon-per-round": 2.0}``), ``compute``
-    the ``[compute]`` keys (e.g. ``{"quantization": "nf4"}``); ``cpt_path`` the raw-text records.
+    the ``[compute]`` keys (e.g. ``{"quantization": "nf4"}``); ``cpt_path`` / ``dpo_path`` the raw-text
+    and preference records.
     """
     site: dict[str, Any] = {"name": name, "state-dir": state_dir}
     if ledger_head is not None:
@@ -352,6 +369,7 @@ def render_policy(
     budget: dict[str, Any] = {"max-epsilon": float(max_epsilon), "delta": float(delta)}
     budget |= {"allow-non-private": allow_non_private, "allow-seeded-noise": allow_seeded_noise}
     data = {"path": str(data_path)} | ({"cpt-path": str(cpt_path)} if cpt_path is not None else {})
+    data |= {"dpo-path": str(dpo_path)} if dpo_path is not None else {}
     values = {"site": site, "data": data, "model": {"path": str(model_path)}}
     values |= {"privacy": budget | dict(privacy or {}), "compute": dict(compute or {})}
     return toml_template(SECTIONS, values)

@@ -35,11 +35,12 @@ from flwr.app import ArrayRecord
 
 from client import faults
 from client.compute import Compute, check_fit, load_base, peft_for_dp, resolve
-from client.data import SiteData, load_site_data
+from client.data import SiteData
 from client.outcome import RoundOutcome
 from client.policy import SitePolicy
-from client.tokens import Tokenized, tokenize_examples
-from client.train import DPPlan, TrainStep, evaluate_loss, train_dp
+from client.records import SiteRecords, held_out, objective_for
+from client.tokens import Tokenized
+from client.train import DPPlan, TrainStep, train_dp
 from common.arrays import check_update, decode, encode, spec_of, to_record, to_state, update_sha256
 from common.config import LoraSpec, TrainRequest
 from common.errors import BudgetExceededError, ConfigError, PolicyViolationError
@@ -73,7 +74,6 @@ class SiteAgent:
             head_path=policy.ledger_head,
             site=policy.name,
         )
-        self._data: dict[str, SiteData] = {}  # per training kind
         self._round_kind = "sft"  # the kind of the request being answered
         self._model: Any = None
         self._lora: LoraSpec | None = None
@@ -83,8 +83,7 @@ class SiteAgent:
         self._compute: Compute | None = None
         self.local_rank: int | None = None  # rank 0 of several on this machine (client.distributed)
         self.loads: Counter[str] = Counter()  # what this process loaded, and how often (site worker stats)
-        self._tokens: dict[tuple[str, int], tuple[Tokenized, Tokenized]] = {}
-        self._too_long: dict[tuple[str, int], int] = {}  # records whose response exceeds max-seq-len
+        self.records = SiteRecords(policy, self.loads, self.check_state_dir)
 
     # ---------------------------------------------------------------- setup (cached)
     def check_state_dir(self) -> None:
@@ -129,11 +128,7 @@ class SiteAgent:
 
     def data(self, kind: str = "sft") -> SiteData:
         """Validated, scrubbed, split records of ``kind`` (cached in memory and in the state dir)."""
-        if kind not in self._data:
-            self.check_state_dir()
-            self._data[kind] = load_site_data(self.policy, kind)
-            self.loads["data"] += 1
-        return self._data[kind]
+        return self.records.data(kind)
 
     def model_fingerprint(self) -> str:
         """Fingerprint of the site's local base model."""
@@ -176,43 +171,9 @@ class SiteAgent:
         return self._model
 
     def _tokens_for(self, kind: str, max_len: int) -> tuple[Tokenized, Tokenized]:
-        """Train and held-out token rows of ``kind`` at ``max_len``; refuses if no record fits."""
-        key = (kind, max_len)
-        if key not in self._tokens:
-            d, chunk = self.data(kind), self.policy.data.long_records == "chunk"
-            train = tokenize_examples(d.train, self._tokenizer, max_len, chunk=chunk)
-            held = tokenize_examples(d.eval, self._tokenizer, max_len, chunk=chunk)
-            self._too_long[key] = len(train.too_long) + len(held.too_long)
-            if self._too_long[key]:
-                log.warning(
-                    "site %s: %d of %d records have a response longer than max-seq-len %d tokens; they "
-                    "are left out of training and evaluation (a cut label is never trained on)",
-                    self.policy.name, self._too_long[key], len(d.train) + len(d.eval), max_len,
-                )  # fmt: skip
-            self._tokens[key] = (train, held)
-            self.loads["tokenize"] += 1
-        train, held = self._tokens[key]
-        if train.records == 0 or held.records == 0:
-            raise PolicyViolationError(
-                f"no {'training' if train.records == 0 else 'held-out'} record's response fits in "
-                f"max-seq-len {max_len} tokens: the site refuses (ask for a longer max-seq-len)"
-            )
-        return train, held
+        return self.records.tokens(kind, max_len, self._tokenizer)
 
     # ---------------------------------------------------------------- step 3: the request vs the site
-    def _check_kind(self, kind: str) -> None:
-        """The site trains ``kind`` only if its policy allows it and it has records for it."""
-        if kind not in self.policy.training.allowed_kinds:
-            raise PolicyViolationError(
-                f"train-kind {kind} is not in the site's [training] allowed-kinds "
-                f"({', '.join(self.policy.training.allowed_kinds)}): the site refuses"
-            )
-        if self.policy.records_of(kind) is None:
-            raise PolicyViolationError(
-                f"the site has no records for train-kind {kind} ([data] {kind}-path is not set): "
-                "the site refuses"
-            )
-
     def _load_global(self, req: TrainRequest, arrays: ArrayRecord) -> Any:
         """The site's model holding the coordinator's global adapter, after checking both."""
         pol = self.policy
@@ -268,11 +229,12 @@ class SiteAgent:
         self.ledger.state(expect=(req.ledger_seq, req.ledger_hash))  # LedgerError: stop, write nothing
         kind = self._round_kind = req.train.train_kind
         try:
-            self._check_kind(kind)
+            self.records.check_kind(kind)
             data = self.data(kind)
             model = self._load_global(req, arrays)
             train, held = self._tokens_for(kind, req.train.max_seq_len)
-            eval_before = evaluate_loss(model, held.ids, held.roles)
+            before = held_out(req.train, model, held)
+            eval_before = before["eval-loss"]
             if not math.isfinite(eval_before):
                 raise PolicyViolationError(
                     "the global adapter gives a non-finite held-out loss: the site refuses it"
@@ -305,7 +267,7 @@ class SiteAgent:
             grant.max_grad_norm if grant.private else NO_CLIPPING,
             req.train.batch_size,
         )
-        return self._train(req, model, train, plan, eval_before, arrays, entry)
+        return self._train(req, model, train, plan, before, arrays, entry)
 
     def _train(
         self,
@@ -313,7 +275,7 @@ class SiteAgent:
         model: Any,
         train: Tokenized,
         plan: DPPlan,
-        eval_before: float,
+        before: dict[str, float],
         start: ArrayRecord,
         entry: Entry,
     ) -> RoundOutcome:
@@ -325,6 +287,7 @@ class SiteAgent:
         stats = self.train_step(
             model, train.ids, train.roles, plan, learning_rate=req.train.learning_rate,
             seed=self._round_seed(req), group=train.group if train.chunked else None,
+            objective=objective_for(req.train),
         )  # fmt: skip
         state = adapter_state(model)
         record = encode({k: state[k] for k in req.lora.update_keys(state)}, req.train.wire_dtype)
@@ -339,12 +302,13 @@ class SiteAgent:
         if fault is not None:  # a compromised site: corrupts what it sends, and signs it
             record = faults.corrupt(fault, record, start)
         metrics: dict[str, float] = {
-            "eval-loss-before": eval_before,
+            "eval-loss-before": before["eval-loss"],
+            **{f"{k}-before": v for k, v in before.items() if k.startswith("reward-")},
             "train-batches": float(stats.batches),
             "noise-multiplier": plan.noise_multiplier,
             "sample-rate": plan.sample_rate,
             "steps": float(plan.steps),
-            "records-too-long": float(self._too_long.get((req.train.train_kind, req.train.max_seq_len), 0)),
+            "records-too-long": float(self.records.too_long(req.train.train_kind, req.train.max_seq_len)),
         }
         if stats.mean_loss is not None:
             metrics["train-loss"] = stats.mean_loss
@@ -393,21 +357,24 @@ class SiteAgent:
             trained=trained,
             reason=reason,
             metrics=metrics,
-            scrub_counts=dict(self._data[self._round_kind].scrub_counts)
-            if self._round_kind in self._data
-            else {},
+            scrub_counts=dict(data.scrub_counts) if (data := self.records.loaded(self._round_kind)) else {},
             receipt=dict(receipt.raw) if receipt is not None else {},
             public_key=self.key.public_pem if self.key else "",
         )
 
-    def evaluate(self, arrays: ArrayRecord, request: TrainRequest | Mapping[str, Any]) -> tuple[float, int]:
-        """Held-out loss of the global adapter at this site (spends no budget)."""
+    def evaluate(
+        self, arrays: ArrayRecord, request: TrainRequest | Mapping[str, Any]
+    ) -> tuple[dict[str, float], int]:
+        """Held-out metrics of the global adapter at this site (spends no budget) and the record count.
+
+        ``eval-loss`` always (the kind's loss); for dpo also ``reward-margin`` and ``reward-accuracy``.
+        """
         self.setup()
         req = request if isinstance(request, TrainRequest) else TrainRequest.from_record(request)
-        self._check_kind(req.train.train_kind)
+        self.records.check_kind(req.train.train_kind)
         model = self._load_global(req, arrays)
         _, held = self._tokens_for(req.train.train_kind, req.train.max_seq_len)
-        return evaluate_loss(model, held.ids, held.roles), held.records
+        return held_out(req.train, model, held), held.records
 
 
 def _signing_key(policy: SitePolicy) -> SigningKey | None:

@@ -34,11 +34,18 @@ PLAIN_TEMPLATE = "{system}### Instruction:\n{instruction}\n\n### Response:\n"
 
 @dataclass(frozen=True)
 class Example:
-    """One scrubbed record as trained: ``instruction`` (empty for raw text), ``response``, ``system``."""
+    """One scrubbed record as trained: ``instruction`` (empty for raw text), ``response``, ``system``.
+
+    A preference pair (DPO) also has ``rejected``: ``response`` is the chosen answer to the prompt.
+    A multi-turn conversation has ``turns`` instead, ``(role, content)`` pairs ending with the
+    assistant's: every assistant turn is learned, every other turn only read.
+    """
 
     instruction: str
     response: str
     system: str = ""
+    rejected: str = ""
+    turns: tuple[tuple[str, str], ...] = ()
 
     @property
     def plain_prompt(self) -> str:
@@ -51,6 +58,10 @@ class Example:
     @property
     def text(self) -> str:
         """The record in the plain template: what the held-out split and the data fingerprint hash."""
+        if self.turns:
+            return "".join(piece for piece, _ in plain_segments(self.turns))
+        if self.rejected:
+            return f"{self.plain_prompt}{self.response}\n\n### Rejected:\n{self.rejected}"
         return self.plain_prompt + self.response
 
 
@@ -60,6 +71,8 @@ def example_of(record: dict[str, Any], fields: Sequence[str]) -> Example:
     ``instruction`` + ``response`` (and optionally ``system``) make an instruction example; any other
     fields are raw text, ``field: value`` paragraphs, all of it trained on.
     """
+    if tuple(fields) == ("messages",):
+        return Example("", "", turns=tuple((str(m["role"]), str(m["content"])) for m in record["messages"]))
     if {"instruction", "response"} <= set(fields) <= {"system", "instruction", "response"}:
         system = record["system"] if "system" in fields else ""  # only a listed field is scrubbed
         return Example(record["instruction"], record["response"], system)
@@ -87,6 +100,73 @@ def render(ex: Example, tokenizer: Any) -> tuple[str, str, bool]:
     if not full.startswith(prompt):  # a template that rewrites earlier turns: fall back to its prompt
         return prompt, ex.response, True
     return prompt, full[len(prompt) :], True
+
+
+Segment = tuple[str, bool]  # a piece of text and whether it is learned
+
+
+def plain_segments(turns: Sequence[tuple[str, str]]) -> list[Segment]:
+    """A conversation in the plain template: ``### System`` / ``### User`` / ``### Assistant`` headers."""
+    out: list[Segment] = []
+    for role, content in turns:
+        if role == "assistant":
+            out.append((content, True))
+        elif role == "system":
+            out.append((f"### System:\n{content}\n\n", False))
+        else:
+            out.append((f"### User:\n{content}\n\n### Assistant:\n", False))
+    return out
+
+
+def conversation_segments(turns: Sequence[tuple[str, str]], tokenizer: Any) -> tuple[list[Segment], bool]:
+    """``(segments, templated)`` of a conversation: each assistant turn (with the template's end of
+    turn) learned, everything between read; the chat template's rendering when it has one and it
+    extends each prefix, otherwise the plain template."""
+    if getattr(tokenizer, "chat_template", None):
+        messages = [{"role": r, "content": c} for r, c in turns]
+        segments: list[Segment] = []
+        done = ""
+        for k, (role, _) in enumerate(turns):
+            if role != "assistant":
+                continue
+            prompt = tokenizer.apply_chat_template(messages[:k], tokenize=False, add_generation_prompt=True)
+            full = tokenizer.apply_chat_template(messages[: k + 1], tokenize=False)
+            if not (prompt.startswith(done) and full.startswith(prompt)):
+                break  # a template that rewrites earlier turns: use the plain one
+            segments += [(prompt[len(done) :], False), (full[len(prompt) :], True)]
+            done = full
+        else:
+            return segments, True
+    return plain_segments(turns), False
+
+
+def _encode_conversation(ex: Example, tokenizer: Any, max_len: int) -> list[Row] | None:
+    """A conversation's one row: assistant turns learned; the oldest turns cut first, the last kept."""
+    segments, templated = conversation_segments(ex.turns, tokenizer)
+    ids: list[int] = []
+    roles: list[int] = []
+    eos = tokenizer.eos_token_id
+    for i, (piece, learned) in enumerate(segments):
+        toks: list[int] = tokenizer(piece, add_special_tokens=i == 0 and not templated, verbose=False)[
+            "input_ids"
+        ]
+        if learned and not templated and eos is not None:
+            toks.append(int(eos))
+        ids += toks
+        roles += [TARGET if learned else CONTEXT] * len(toks)
+    last = len(roles) - roles[::-1].index(CONTEXT) if CONTEXT in roles else 0  # where the last answer starts
+    if len(ids) - last > max_len - 1:
+        return None
+    if len(ids) > max_len:
+        bos = tokenizer.bos_token_id
+        keep = 1 if bos is not None and ids[:1] == [bos] else 0
+        cut = len(ids) - max_len  # tokens to drop after the kept BOS
+        ids, roles = ids[:keep] + ids[keep + cut :], roles[:keep] + roles[keep + cut :]
+        k = keep
+        while k < len(roles) and roles[k] == TARGET:  # an answer that lost its beginning is not learned
+            roles[k] = CONTEXT
+            k += 1
+    return [(ids, roles)]
 
 
 @dataclass(frozen=True)
@@ -125,7 +205,16 @@ def _chunks(ids: list[int], max_len: int) -> list[Row]:
 
 
 def _encode(ex: Example, tokenizer: Any, max_len: int, chunk: bool) -> list[Row] | None:
-    """One record's rows within ``max_len``; ``None`` when its label cannot fit."""
+    """One record's rows within ``max_len``; ``None`` when its label cannot fit.
+
+    A preference pair is two rows, chosen then rejected, each with the prompt.
+    """
+    if ex.turns:
+        return _encode_conversation(ex, tokenizer, max_len)
+    if ex.rejected:
+        rows = [_encode(Example(ex.instruction, answer, ex.system), tokenizer, max_len, chunk) for answer in
+                (ex.response, ex.rejected)]  # fmt: skip
+        return None if rows[0] is None or rows[1] is None else rows[0] + rows[1]
     prompt, target, templated = render(ex, tokenizer)
     p_ids: list[int] = tokenizer(prompt, add_special_tokens=not templated, verbose=False)["input_ids"]
     t_ids: list[int] = tokenizer(target, add_special_tokens=False, verbose=False)["input_ids"]

@@ -150,8 +150,8 @@ def handle(policy_path: Path, frame: bytes, leader: LeaderStep | None = None) ->
             raise ValueError("expected op 'train' or 'evaluate' with a request object and arrays")
         if op == "train":
             return _outcome_frame(agent.train_round(arrays, request))
-        loss, n = agent.evaluate(arrays, request)
-        return encode_frame({"ok": True, "eval-loss": loss, "num-examples": n, "site": agent.policy.name})
+        metrics, n = agent.evaluate(arrays, request)
+        return encode_frame({"ok": True, "metrics": metrics, "num-examples": n, "site": agent.policy.name})
     except FedtuneError as exc:
         return encode_frame({"ok": False, "kind": "fedtune", "error": str(exc)})
     except ValueError as exc:
@@ -309,10 +309,13 @@ class WorkerClient:
         reply, out = self._call({"op": "train", "request": dict(request)}, arrays)
         return RoundOutcome(**reply["outcome"], arrays=out)
 
-    def evaluate(self, arrays: ArrayRecord, request: Mapping[str, Any]) -> tuple[float, int, str]:
-        """Held-out loss, record count and site name."""
+    def evaluate(self, arrays: ArrayRecord, request: Mapping[str, Any]) -> tuple[dict[str, float], int, str]:
+        """Held-out metrics (``eval-loss``, for dpo the reward margin and accuracy), record count, site."""
         reply, _ = self._call({"op": "evaluate", "request": dict(request)}, arrays)
-        return float(reply["eval-loss"]), int(reply["num-examples"]), str(reply["site"])
+        metrics = reply.get("metrics")
+        if not isinstance(metrics, dict) or "eval-loss" not in metrics:
+            raise ValueError("the site worker's evaluate answer has no metrics")
+        return {str(k): float(v) for k, v in metrics.items()}, int(reply["num-examples"]), str(reply["site"])
 
     def stats(self) -> dict[str, Any]:
         """The worker's pid and what it has loaded so far (``loads``: model, data, weight-hash...)."""

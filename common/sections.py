@@ -25,8 +25,9 @@ __all__ = [
 
 _MODULE = re.compile(r"[A-Za-z_][A-Za-z0-9_.]{0,127}")
 AGGREGATIONS = ("fedavg", "median", "trimmed-mean", "krum")
-TRAIN_KINDS = ("sft", "cpt")
-"""What a round trains: instruction tuning (sft) or continued pretraining on raw text (cpt)."""
+TRAIN_KINDS = ("sft", "cpt", "dpo")
+"""What a round trains: instruction tuning (sft), continued pretraining on raw text (cpt) or
+preference tuning on (prompt, chosen, rejected) pairs (dpo)."""
 MODULUS = 2**32  # Flower's SecAgg+ mask modulus
 
 
@@ -86,9 +87,16 @@ class TrainConfig:
     train_kind: str = option(
         "train-kind",
         "sft",
-        "what the sites train: sft (instruction -> response, loss on the response) or cpt (continued "
-        "pretraining on raw text); each site's policy says which it allows and where the records are",
+        "what the sites train: sft (instruction -> response, loss on the response), cpt (continued "
+        "pretraining on raw text) or dpo (preference pairs); each site's policy says which it allows "
+        "and where the records are",
         one_of(TRAIN_KINDS),
+    )
+    dpo_beta: float = option(
+        "dpo-beta",
+        0.1,
+        "DPO's beta: how far the tuned model may move from the base",
+        within(0, 100, open_low=True),
     )
     max_seq_len: int = option("max-seq-len", 256, "tokens per record", within(8, 1000000))
     dp: bool = option(

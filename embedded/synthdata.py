@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import random
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -35,11 +36,20 @@ from embedded.synthvocab import (
 
 __all__ = [
     "KINDS", "SITE_PROFILES", "PlantedPII", "SiteProfile", "generate_site_documents",
-    "generate_site_records", "site_names", "write_synthetic_sites",
+    "generate_site_pairs", "generate_site_records", "site_names", "write_synthetic_sites",
 ]  # fmt: skip
 
-KINDS = ("sft", "cpt")
-"""What ``write_synthetic_sites`` writes: instruction records (sft) and raw documents (cpt, in ``cpt/``)."""
+KINDS = ("sft", "cpt", "dpo")
+"""What ``write_synthetic_sites`` writes: instruction records (sft), raw documents (cpt, in ``cpt/``)
+and preference pairs (dpo, in ``dpo/``)."""
+
+GENERIC_ANSWERS = (
+    "Patient seen today. Plan discussed. Follow up as needed.",
+    "No significant findings. Continue current management.",
+    "See note above for details.",
+    "Stable. Will reassess at the next visit.",
+)
+"""What a ``rejected`` answer says when it is generic: true of every note, useful for none."""
 
 
 @dataclass(frozen=True)
@@ -189,27 +199,36 @@ def generate_site_records(
         Records ``{"id", "instruction", "response"}`` and the planted values
         (deduplicated per record, in order of appearance in the templates).
     """
-    if site_index < 0 or n_records < 0:
-        raise ValueError(f"site_index and n_records must be >= 0, got {site_index}, {n_records}")
-    profile = SITE_PROFILES[site_index % len(SITE_PROFILES)]
-    name = site_names(site_index + 1)[site_index]
-    rng = random.Random(f"fedtune-synth:{seed}:{site_index}")
-    records: list[dict[str, str]] = []
-    planted: list[PlantedPII] = []
-    for i in range(n_records):
-        record_id = f"{name}-{i:05d}"
-        plant: list[tuple[str, str]] = []
-        slots = _slots(profile, rng, plant)
+
+    def make(profile: SiteProfile, rng: random.Random, slots: dict[str, str]) -> dict[str, str]:
         note = rng.choice(profile.notes).format(**slots).strip()
         prefix, response = rng.choice(profile.tasks)
-        records.append(
-            {
-                "id": record_id,
-                "instruction": f"{prefix}: {note}",
-                "response": response.format(**slots),
-            }
-        )
-        text = records[-1]["instruction"] + "\n" + records[-1]["response"]
+        return {"instruction": f"{prefix}: {note}", "response": response.format(**slots)}
+
+    return _generate(site_index, n_records, f"fedtune-synth:{seed}:{site_index}", "{name}-{i:05d}", make)
+
+
+Make = Callable[[SiteProfile, random.Random, dict[str, str]], dict[str, str]]
+
+
+def _generate(
+    site_index: int, n: int, rng_seed: str, id_format: str, make: Make
+) -> tuple[list[dict[str, str]], list[PlantedPII]]:
+    """``n`` records of one site from ``make`` (given fresh slots), each with its planted identifiers."""
+    if site_index < 0 or n < 0:
+        raise ValueError(f"site_index and the number of records must be >= 0, got {site_index}, {n}")
+    profile = SITE_PROFILES[site_index % len(SITE_PROFILES)]
+    name = site_names(site_index + 1)[site_index]
+    rng = random.Random(rng_seed)
+    records: list[dict[str, str]] = []
+    planted: list[PlantedPII] = []
+    for i in range(n):
+        record_id = id_format.format(name=name, i=i)
+        plant: list[tuple[str, str]] = []
+        slots = _slots(profile, rng, plant)
+        record = make(profile, rng, slots)
+        records.append({"id": record_id, **record})
+        text = "\n".join(record.values())
         seen: set[tuple[str, str]] = set()
         for entity_type, value in plant:
             if (entity_type, value) not in seen and value in text:
@@ -227,30 +246,42 @@ def generate_site_documents(
     visit header each, so their lengths differ widely (about 160-1400 tokens of the embedded
     tokenizer) and most are chunked at the default ``max-seq-len`` of 256. The same identifiers are planted.
     """
-    if site_index < 0 or n_documents < 0:
-        raise ValueError(f"site_index and n_documents must be >= 0, got {site_index}, {n_documents}")
-    profile = SITE_PROFILES[site_index % len(SITE_PROFILES)]
-    name = site_names(site_index + 1)[site_index]
-    rng = random.Random(f"fedtune-synth-cpt:{seed}:{site_index}")
-    documents: list[dict[str, str]] = []
-    planted: list[PlantedPII] = []
-    for i in range(n_documents):
-        doc_id = f"{name}-doc-{i:05d}"
-        plant: list[tuple[str, str]] = []
-        slots = _slots(profile, rng, plant)
+
+    def make(profile: SiteProfile, rng: random.Random, slots: dict[str, str]) -> dict[str, str]:
         visits = rng.choice((1, 1, 2, 3, 4, 6))
         notes = [
             f"Visit {v + 1} of {visits}.\n{rng.choice(profile.notes).format(**slots).strip()}"
             for v in range(visits)
         ]
-        text = f"{profile.specialty.title()} record.\n\n" + "\n\n".join(notes)
-        documents.append({"id": doc_id, "text": text})
-        seen: set[tuple[str, str]] = set()
-        for entity_type, value in plant:
-            if (entity_type, value) not in seen and value in text:
-                seen.add((entity_type, value))
-                planted.append(PlantedPII(doc_id, entity_type, value))
-    return documents, planted
+        return {"text": f"{profile.specialty.title()} record.\n\n" + "\n\n".join(notes)}
+
+    seed_text = f"fedtune-synth-cpt:{seed}:{site_index}"
+    return _generate(site_index, n_documents, seed_text, "{name}-doc-{i:05d}", make)
+
+
+def generate_site_pairs(
+    site_index: int, n_pairs: int, *, seed: int = 0
+) -> tuple[list[dict[str, str]], list[PlantedPII]]:
+    """Preference pairs of one site (``{"id", "prompt", "chosen", "rejected"}``) for DPO.
+
+    ``chosen`` is the site's own house-style answer to the note; ``rejected`` is either generic
+    (:data:`GENERIC_ANSWERS`) or the house style with the wrong facts (another diagnosis and drug).
+    The notes carry the same planted identifiers as the instruction records.
+    """
+
+    def make(profile: SiteProfile, rng: random.Random, slots: dict[str, str]) -> dict[str, str]:
+        note = rng.choice(profile.notes).format(**slots).strip()
+        prefix, answer = rng.choice(profile.tasks)
+        if rng.random() < 0.5:
+            rejected = rng.choice(GENERIC_ANSWERS)
+        else:
+            wrong = dict(slots, dx=slots["dx2"], dx2=slots["dx"], med=slots["med2"], med2=slots["med"])
+            rejected = answer.format(**wrong)
+        return {"prompt": f"{prefix}: {note}", "chosen": answer.format(**slots), "rejected": rejected}
+
+    return _generate(
+        site_index, n_pairs, f"fedtune-synth-dpo:{seed}:{site_index}", "{name}-pair-{i:05d}", make
+    )
 
 
 def write_synthetic_sites(
@@ -275,7 +306,7 @@ def write_synthetic_sites(
         Base seed (see :func:`generate_site_records`).
     kinds
         ``sft``: instruction records in ``out_dir``; ``cpt``: raw documents (half as many) in
-        ``out_dir/cpt/``, each with its answer key.
+        ``out_dir/cpt/``; ``dpo``: preference pairs in ``out_dir/dpo/``; each with its answer key.
 
     Returns
     -------
@@ -293,8 +324,11 @@ def write_synthetic_sites(
             if kind == "sft":
                 records, planted = generate_site_records(index, records_per_site, seed=seed)
                 folder = out_dir
-            else:
+            elif kind == "cpt":
                 records, planted = generate_site_documents(index, max(1, records_per_site // 2), seed=seed)
+                folder = out_dir / kind
+            else:
+                records, planted = generate_site_pairs(index, records_per_site, seed=seed)
                 folder = out_dir / kind
             folder.mkdir(parents=True, exist_ok=True)
             path = folder / f"{name}.jsonl"

@@ -48,7 +48,9 @@ def data_synth(
     seed: Annotated[int, typer.Option(help="Generator seed.")] = 0,
     kind: Annotated[
         list[str] | None,
-        typer.Option(help="sft (instruction records) or cpt (raw documents, in OUT/cpt/); default both."),
+        typer.Option(
+            help="sft (instructions), cpt (raw documents, OUT/cpt/), dpo (pairs, OUT/dpo/); default all."
+        ),
     ] = None,
 ) -> None:
     """Write synthetic, non-IID, PII-laden clinical notes for each site."""

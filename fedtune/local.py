@@ -43,7 +43,7 @@ def run_local(policies: list[Path], run_config: Mapping[str, Any]) -> dict[str, 
             status = "trained" if outcome.trained else "refused"
             metrics = {"num-examples": float(outcome.num_examples), **outcome.metrics}
             merge_site(sites, SiteReply(0, name, status, outcome.reason, metrics, outcome.scrub_counts), rnd)
-            loss, _ = agent.evaluate(arrays, req)
+            loss = agent.evaluate(arrays, req)[0]["eval-loss"]
             sites[name]["eval_loss_after"] = loss
             lines[rnd - 1]["sites"][name] = {"status": status, "eval-loss": loss, **outcome.metrics}
         sites[name]["num_examples"] = len(agent.data().train)

@@ -46,7 +46,7 @@ def default_data(sites: int) -> Path:
     from embedded.synthdata import write_synthetic_sites
 
     out = cache_dir() / f"synth-{sites}"
-    if not (out / ".complete").is_file() or not (out / "cpt").is_dir():  # (older caches had no cpt/)
+    if not (out / ".complete").is_file() or not (out / "dpo").is_dir():  # (older caches lack cpt/, dpo/)
         write_synthetic_sites(out, sites=sites)
         (out / ".complete").write_text("ok", encoding="utf-8")
     return out
@@ -119,6 +119,7 @@ def prepare_run(
             privacy=privacy,
             compute=compute,
             cpt_path=cpt.resolve() if (cpt := f.parent / "cpt" / f.name).is_file() else None,
+            dpo_path=dpo.resolve() if (dpo := f.parent / "dpo" / f.name).is_file() else None,
         )
         policy = site_dir / "policy.toml"
         policy.write_text(text, encoding="utf-8")

@@ -67,8 +67,9 @@ def _site_rows(train: list[SiteReply], evaluate: list[SiteReply]) -> dict[str, d
         rows[r.site] = {"status": r.status, "reason": r.reason, **r.metrics, "bytes-up": r.bytes_up}
     for r in evaluate:
         row = rows.setdefault(r.site, {})
-        if "eval-loss" in r.metrics:
-            row["eval-loss"] = r.metrics["eval-loss"]
+        for key in ("eval-loss", "reward-margin", "reward-accuracy"):
+            if key in r.metrics:
+                row[key] = r.metrics[key]
     return rows
 
 

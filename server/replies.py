@@ -29,7 +29,17 @@ _METRICS_ALWAYS = frozenset({"num-examples", "delta", "max-epsilon", "private"})
 _METRICS_TRAINED = frozenset(
     {"eval-loss-before", "train-batches", "noise-multiplier", "sample-rate", "steps"}
 )
-_METRICS_OPTIONAL = frozenset({"epsilon", "epsilon-rdp", "train-loss", "records-too-long"})
+_METRICS_OPTIONAL = frozenset(
+    {
+        "epsilon",
+        "epsilon-rdp",
+        "train-loss",
+        "records-too-long",
+        "reward-margin-before",
+        "reward-accuracy-before",
+    }
+)
+_EVAL_REWARDS = ("reward-margin", "reward-accuracy")  # held-out, of a dpo run's global adapter
 _SITE_KEYS = frozenset({"name", "status", "reason", "key", "train-kind"})
 
 
@@ -238,13 +248,17 @@ def parse_evaluate(msg: Message) -> EvalReply:
 
 def _eval_metrics(msg: Message, row: SiteReply) -> str:
     record: Mapping[str, Any] = msg.content.metric_records["metrics"]
-    if set(record) != {"eval-loss", "num-examples"}:
+    keys = set(record)
+    if not {"eval-loss", "num-examples"} <= keys <= {"eval-loss", "num-examples", *_EVAL_REWARDS}:
         got = sorted(_text(k, 40) for k in record)[:5]
-        return f"evaluate metrics must be exactly eval-loss and num-examples, got {got}"
+        want = f"eval-loss and num-examples (dpo: and {', '.join(_EVAL_REWARDS)})"
+        return f"evaluate metrics must be {want}, got {got}"
     if not all(_number(v) for v in record.values()):
         return "evaluate metrics are not finite numbers"
     loss, n = float(record["eval-loss"]), float(record["num-examples"])
     if loss < 0 or n != int(n) or not 0 < n <= 1e12:
         return f"eval-loss {loss:g} / num-examples {n:g} out of range"
-    row.metrics = {"eval-loss": loss, "num-examples": n}
+    if not 0 <= float(record.get("reward-accuracy", 0.0)) <= 1:
+        return "reward-accuracy must be a share in [0, 1]"
+    row.metrics = {k: float(v) for k, v in record.items()}
     return ""

@@ -118,8 +118,8 @@ def _drift(d: Path, model: Path) -> None:
     raise ConfigError("run config", [*drift, "resume with the interrupted run's run config"])
 
 
-def _data(text: bytes | str, **kw: Any) -> Maker:
-    return lambda d, model: load_records(file(d, "a.jsonl", text), FIELDS, **kw)
+def _data(text: bytes | str, fields: tuple[str, ...] = FIELDS, **kw: Any) -> Maker:
+    return lambda d, model: load_records(file(d, "a.jsonl", text), fields, **kw)
 
 
 def _delete(agent: Any, d: Path, start: Any) -> dict[str, Any]:
@@ -280,6 +280,11 @@ CASES: list[tuple[str, str, Maker]] = [
     ("data", "field missing", _data(json.dumps({"instruction": "x"}))),
     ("data", "empty field", _data(json.dumps({"instruction": " ", "response": "y"}))),
     ("data", "JSON line is not an object", _data("[1, 2]\n")),
+    (
+        "data",
+        "a conversation that ends with the user",
+        _data(json.dumps({"messages": [{"role": "user", "content": "hi"}]}), ("messages",)),
+    ),
     ("data", "empty file", _data("")),
     (
         "data",

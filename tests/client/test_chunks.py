@@ -11,8 +11,8 @@ import torch
 from client.objectives import row_nll, token_mean
 from client.tokens import CONTEXT, TARGET, Example, tokenize_examples
 from client.train import DPPlan, DPStepper, train_dp
-from common.config import LoraSpec
-from common.modeling import load_base_model, load_tokenizer, make_peft_model
+from common.modeling import load_tokenizer
+from tests.client.lora import lora_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 MAX_LEN = 24
@@ -31,16 +31,6 @@ def tokenizer(tiny_model: Path) -> Any:
 @pytest.fixture(scope="module")
 def docs(tokenizer: Any) -> Any:
     return tokenize_examples(DOCS, tokenizer, MAX_LEN)
-
-
-def _model(tiny_model: Path) -> Any:
-    torch.manual_seed(1)
-    model = make_peft_model(load_base_model(tiny_model), LoraSpec(rank=4, alpha=8, targets="q_proj,v_proj"))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0.0, 0.05)
-    return model.train()
 
 
 def test_a_long_document_becomes_chunks_that_predict_each_token_once(tokenizer: Any, docs: Any) -> None:
@@ -71,7 +61,7 @@ def _brute_force(model: Any, docs: Any) -> torch.Tensor:
 
 
 def test_a_chunked_record_is_clipped_once_on_its_summed_chunk_gradients(tiny_model: Path, docs: Any) -> None:
-    model = _model(tiny_model)
+    model = lora_model(tiny_model)
     params = [p for p in model.parameters() if p.requires_grad]
     brute = _brute_force(model, docs)
     norms = brute.norm(dim=1)
@@ -112,7 +102,7 @@ def test_a_chunked_record_is_clipped_once_on_its_summed_chunk_gradients(tiny_mod
 
 
 def test_sampling_draws_records_with_all_their_chunks(tiny_model: Path, docs: Any) -> None:
-    model = _model(tiny_model)
+    model = lora_model(tiny_model)
     plan = DPPlan(1.0, 0.5, 6, 1.0, 2)
     stats = train_dp(model, docs.ids, docs.roles, plan, learning_rate=0.01, seed=3, group=docs.group)
     assert stats.steps == 6 and stats.mean_loss is not None and stats.mean_loss > 0

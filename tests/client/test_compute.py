@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
@@ -14,43 +13,18 @@ from client.compute import (
     check_fit,
     estimate_bytes,
     load_base,
-    prepare_for_dp,
     resolve,
 )
 from client.objectives import row_nll, token_mean
 from client.policy import SECTIONS
 from client.tokens import CONTEXT, PAD, TARGET
 from client.train import DPPlan, DPStepper, evaluate_loss
-from common.config import LoraSpec
 from common.declare import parse
 from common.errors import ConfigError
 from common.modeling import adapter_state, load_adapter_state, make_peft_model
-
-LORA = LoraSpec(rank=4, alpha=8, targets="q_proj,v_proj,down_proj")  # down_proj: out 64, in 172
-SETTINGS = {
-    "fp32": Compute("cpu", "float32", "none", False, None),
-    "bf16-base": Compute("cpu", "bfloat16", "none", False, None),
-    "nf4-base": Compute("cpu", "float32", "nf4", False, None),
-    "int8-base": Compute("cpu", "float32", "int8", False, None),
-    "checkpointing": Compute("cpu", "float32", "none", True, None),
-    "nf4-checkpointing": Compute("cpu", "bfloat16", "nf4", True, None),
-}
-
+from tests.client.lora import LORA, SETTINGS, lora_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _model(tiny_model: Path, compute: Compute) -> Any:
-    """The site's own path: base under ``compute``, LoRA, DP preparation; lora_B non-zero."""
-    with torch.random.fork_rng():
-        torch.manual_seed(3)
-        model = prepare_for_dp(make_peft_model(load_base(tiny_model, compute), LORA), compute)
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if "lora_B" in name:
-                    p.normal_(0.0, 0.05)
-    model.train()
-    return model
 
 
 GROUP = torch.tensor([0, 0, 1, 2, 3, 4])  # rows 0 and 1: two chunks of one long document (one record)
@@ -100,7 +74,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.mark.parametrize("setting", list(SETTINGS))
 def test_per_record_gradients_and_clipped_sum_equal_brute_force(tiny_model: Path, setting: str) -> None:
     compute = SETTINGS[setting]
-    model = _model(tiny_model, compute)
+    model = lora_model(tiny_model, compute)
     params = [p for p in model.parameters() if p.requires_grad]
     assert params and all(p.dtype == torch.float32 for p in params)  # LoRA stays float32 on every path
     ids, mask = _batch()
@@ -135,7 +109,7 @@ def test_per_record_gradients_and_clipped_sum_equal_brute_force(tiny_model: Path
 
 def test_non_reentrant_checkpointing_is_refused_not_trained_unclipped(tiny_model: Path) -> None:
     """With torch's non-reentrant checkpoint Opacus's hooks never fire: the step stops instead."""
-    model = _model(tiny_model, SETTINGS["fp32"])
+    model = lora_model(tiny_model, SETTINGS["fp32"])
     model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     stepper = DPStepper(
         model, DPPlan(1.0, 0.5, 1, 1.0, 4), learning_rate=0.01, noise_generator=torch.Generator()
@@ -148,7 +122,7 @@ def test_non_reentrant_checkpointing_is_refused_not_trained_unclipped(tiny_model
 
 
 def test_an_adapter_trained_on_a_4bit_base_loads_on_the_full_precision_base(tiny_model: Path) -> None:
-    quantized = _model(tiny_model, SETTINGS["nf4-base"])
+    quantized = lora_model(tiny_model, SETTINGS["nf4-base"])
     full = make_peft_model(load_base(tiny_model, SETTINGS["fp32"]), LORA)
     state = adapter_state(quantized)
     load_adapter_state(full, state)

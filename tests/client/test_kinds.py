@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from flwr.app import ArrayRecord
 
-from embedded.synthdata import generate_site_documents
+from embedded.synthdata import generate_site_documents, generate_site_records
 from tests.client.hostile import Site, reason, status
 
 
@@ -63,3 +63,30 @@ def test_a_kind_the_policy_does_not_allow_or_has_no_records_for_is_refused(
 def test_an_unknown_kind_is_refused_with_its_key(fresh_site: Site, start_adapter: ArrayRecord) -> None:
     reply = _ask(fresh_site, start_adapter, 1, **{"train-kind": "rlhf"})
     assert status(reply) == "refused" and "train-kind" in reason(reply)
+
+
+def test_a_site_trains_multi_turn_conversations_with_every_turn_scrubbed(
+    tmp_path: Path, tiny_model: Path, start_adapter: ArrayRecord
+) -> None:
+    records, planted = generate_site_records(1, 40, seed=6)
+    chats = [
+        {"messages": [
+            {"role": "user", "content": r["instruction"]},
+            {"role": "assistant", "content": r["response"]},
+            {"role": "user", "content": "Thanks. Anything to flag for the next visit?"},
+            {"role": "assistant", "content": "Confirm the follow-up date with the patient."},
+        ]}
+        for r in records
+    ]  # fmt: skip
+    data = tmp_path / "chats.jsonl"
+    data.write_text("".join(json.dumps(c) + "\n" for c in chats), encoding="utf-8")
+    site = Site(tmp_path / "site", data, tiny_model)
+    text = re.sub(r"text-fields = \[[^\]]*\]", 'text-fields = ["messages"]', site.policy.read_text())
+    site.policy.write_text(text, encoding="utf-8")
+    reply = site.ask_record(start_adapter, site.request_record(1) | {"max-seq-len": 192})
+    assert status(reply) == "trained", reason(reply)
+    cache = next((site.root / "state" / "scrub").glob("*.json")).read_text(encoding="utf-8")
+    turns = [turn for row in json.loads(cache)["examples"] for _, turn in row[4]]
+    assert len(turns) == 4 * 40
+    leaked = [p.value for p in planted if any(p.value in t for t in turns)]
+    assert not leaked, leaked[:3]

@@ -10,11 +10,22 @@ import pytest
 import torch
 from flwr.app import ArrayRecord
 
-from client.tokens import CONTEXT, PAD, TARGET, Example, example_of, render, tokenize_examples
+from client.data import load_records
+from client.tokens import (
+    CONTEXT,
+    PAD,
+    TARGET,
+    Example,
+    conversation_segments,
+    example_of,
+    render,
+    tokenize_examples,
+)
 from client.train import DPPlan, DPStepper, evaluate_loss, per_sample_loss
-from common.config import LoraSpec
-from common.modeling import load_base_model, load_tokenizer, make_peft_model
+from common.errors import DataError
+from common.modeling import load_tokenizer
 from tests.client.hostile import Site, reason, status
+from tests.client.lora import lora_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -37,13 +48,7 @@ def tokenizer(tiny_model: Path) -> Any:
 
 @pytest.fixture(scope="module")
 def model(tiny_model: Path) -> Any:
-    torch.manual_seed(0)
-    m = make_peft_model(load_base_model(tiny_model), LoraSpec(rank=4, alpha=8, targets="q_proj,v_proj"))
-    with torch.no_grad():
-        for name, p in m.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0.0, 0.05)
-    return m
+    return lora_model(tiny_model)
 
 
 def _by_hand(model: Any, tokenizer: Any, ex: Example) -> float:
@@ -171,3 +176,71 @@ def test_a_site_reports_too_long_records_and_refuses_when_none_fits(
     )
     assert full["records-too-long"] == 0
     assert 0 < full["num-examples"] - cut["num-examples"] <= cut["records-too-long"]  # left out, counted
+
+
+CONVERSATION = (
+    ("system", "Be brief."),
+    ("user", "What did the echo show?"),
+    ("assistant", "Ejection fraction 55%."),
+    ("user", "And the plan?"),
+    ("assistant", "Continue metoprolol; recheck in 3 months."),
+)
+
+
+def test_every_assistant_turn_of_a_conversation_is_learned_and_nothing_else(tokenizer: Any) -> None:
+    ex = example_of({"messages": [{"role": r, "content": c} for r, c in CONVERSATION]}, ("messages",))
+    tok = tokenize_examples([ex], tokenizer, 128)
+    ids, roles = tok.ids[0].tolist(), tok.roles[0].tolist()
+    learned = [t for t, r in zip(ids, roles, strict=True) if r == TARGET]
+    want: list[int] = []
+    for role, content in CONVERSATION:
+        if role == "assistant":
+            want += tokenizer(content, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    assert learned == want  # both answers, each with its end; no user or system token
+    assert ex.text.startswith("### System:\nBe brief.\n\n### User:\nWhat did the echo show?")
+
+
+def test_a_conversation_under_a_chat_template_renders_as_apply_chat_template(tokenizer: Any) -> None:
+    chat = tokenizer.__class__.from_pretrained(tokenizer.name_or_path)
+    chat.chat_template = CHATML
+    segments, templated = conversation_segments(CONVERSATION, chat)
+    messages = [{"role": r, "content": c} for r, c in CONVERSATION]
+    assert templated and "".join(p for p, _ in segments) == chat.apply_chat_template(messages, tokenize=False)
+    assert [p for p, learned in segments if learned] == [
+        "Ejection fraction 55%.<|im_end|>\n",
+        "Continue metoprolol; recheck in 3 months.<|im_end|>\n",
+    ]
+
+
+def test_a_long_conversation_loses_its_oldest_turns_and_never_a_cut_answer(tokenizer: Any) -> None:
+    ex = Example("", "", turns=CONVERSATION)
+    full = tokenize_examples([ex], tokenizer, 128)
+    roles = full.roles[0].tolist()
+    n, first = roles.index(PAD), roles.index(TARGET)  # length, where the first answer starts
+    last = tokenizer(CONVERSATION[-1][1], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    cut = first - 1 + 3  # everything after BOS up to 3 tokens into the first answer
+    short = tokenize_examples([ex], tokenizer, n - cut)
+    ids, kept = short.ids[0].tolist(), short.roles[0].tolist()
+    assert ids[0] == tokenizer.bos_token_id and ids[1:] == full.ids[0, cut + 1 : n].tolist()
+    learned = [t for t, r in zip(ids, kept, strict=True) if r == TARGET]
+    assert learned == last  # the first answer lost its start: read, not learned; the last one whole
+    assert tokenize_examples([ex], tokenizer, len(last)).too_long == (0,)  # the last answer cannot fit
+
+
+@pytest.mark.parametrize(
+    ("messages", "why"),
+    [
+        ([], "is not a non-empty list"),
+        ([{"role": "user", "content": "hi"}], "end with the assistant's turn"),
+        ([{"role": "bot", "content": "hi"}], "has role 'bot'"),
+        ([{"role": "user", "content": "hi"}, {"role": "assistant", "content": " "}], "empty or non-text"),
+        ([{"role": "user", "content": "hi", "extra": 1}], "exactly 'role' and 'content'"),
+    ],
+)
+def test_a_malformed_conversation_names_its_line(tmp_path: Path, messages: Any, why: str) -> None:
+    path = tmp_path / "chats.jsonl"
+    good = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+    path.write_text(json.dumps(good) + "\n" + json.dumps({"messages": messages}) + "\n", encoding="utf-8")
+    with pytest.raises(DataError, match=why) as err:
+        load_records(path, ("messages",))
+    assert err.value.line == 2

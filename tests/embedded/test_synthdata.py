@@ -11,9 +11,11 @@ from pathlib import Path
 import pytest
 
 from embedded.synthdata import (
+    GENERIC_ANSWERS,
     SITE_PROFILES,
     PlantedPII,
     generate_site_documents,
+    generate_site_pairs,
     generate_site_records,
     site_names,
     write_synthetic_sites,
@@ -142,7 +144,17 @@ def test_raw_documents_for_continued_pretraining_vary_in_length_and_carry_pii(tm
     assert key and all(k["value"] in texts[k["record_id"]] for k in key)
     assert generate_site_documents(0, 30, seed=0)[0] == docs  # deterministic
     with pytest.raises(ValueError, match="unknown kinds"):
-        write_synthetic_sites(tmp_path, kinds=("dpo",))
+        write_synthetic_sites(tmp_path, kinds=("rlhf",))
+
+
+def test_preference_pairs_prefer_the_house_style_to_generic_or_wrong_answers(tmp_path: Path) -> None:
+    pairs, planted = generate_site_pairs(0, 40, seed=0)
+    assert all(set(p) == {"id", "prompt", "chosen", "rejected"} for p in pairs)
+    assert all(p["chosen"] != p["rejected"] for p in pairs)
+    generic = [p for p in pairs if p["rejected"] in GENERIC_ANSWERS]
+    assert 0 < len(generic) < len(pairs)  # the rest: the house style with the wrong facts
+    texts = {p["id"]: " ".join((p["prompt"], p["chosen"], p["rejected"])) for p in pairs}
+    assert planted and all(k.value in texts[k.record_id] for k in planted)
 
 
 def test_rejects_negative_sizes() -> None:

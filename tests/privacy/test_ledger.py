@@ -249,6 +249,6 @@ def test_the_training_kind_is_recorded_and_checked(ledger: PrivacyLedger) -> Non
     entry, problems = from_dict(legacy)
     assert not problems and isinstance(entry, Reserve) and entry.train_kind == "sft"
     bad = dict(legacy, train_kind="rlhf")
-    assert from_dict(bad)[1] == ["'train_kind' must be one of sft, cpt, got 'rlhf'"]
+    assert from_dict(bad)[1] == ["'train_kind' must be one of sft, cpt, dpo, got 'rlhf'"]
     second = _reserve(ledger, 1)
     assert second.raw["epsilon"] > cpt.raw["epsilon"]  # the sft round adds to the cpt round's epsilon
