@@ -30,18 +30,7 @@ import torch.distributed as dist
 
 from client.objectives import Objective, records_of, token_mean
 from client.tokens import take_records
-from client.train import (
-    DEFAULT_MODE,
-    Batch,
-    DPMode,
-    DPPlan,
-    DPStepper,
-    TrainStats,
-    make_generator,
-    model_device,
-    poisson_batches,
-    run_steps,
-)
+from client.train import DEFAULT_MODE, Batch, DPMode, DPPlan, TrainStats, train_dp
 from common.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -95,40 +84,6 @@ def shard(ids: torch.Tensor, mask: torch.Tensor, group: torch.Tensor | None, ran
     return take_records(ids, mask, group, mine)
 
 
-def train_dp_ddp(
-    model: torch.nn.Module,
-    ids: torch.Tensor,
-    mask: torch.Tensor,
-    plan: DPPlan,
-    *,
-    learning_rate: float,
-    seed: int | None = None,
-    group: torch.Tensor | None = None,
-    objective: Objective = token_mean,
-    mode: DPMode = DEFAULT_MODE,
-) -> TrainStats:
-    """``plan.steps`` DP-SGD steps over every rank's shard ``ids`` / ``mask``; called by every rank.
-
-    Rank 0's trainable tensors are the start on every rank. The step equals the one-process step
-    on the union of the ranks' batches (same clipping, one noise draw on rank 0); with ``seed``
-    rank 0 draws the same noise as :func:`client.train.train_dp` (testing only: not private).
-    Returns this rank's losses; rank 0's model holds the round's result (all ranks hold the same).
-    """
-    rank, world = dist.get_rank(), dist.get_world_size()
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    with torch.no_grad():
-        for p in params:
-            dist.broadcast(p.data, src=0)
-    sample_gen = make_generator(None if seed is None else seed + 7919 * rank)
-    noise_gen = make_generator(None if seed is None else seed + 1, model_device(model))
-    stepper = DPStepper(
-        model, plan, learning_rate=learning_rate, noise_generator=noise_gen, mode=mode,
-        objective=objective, world_size=world,
-    )  # fmt: skip
-    return run_steps(stepper, poisson_batches(ids, mask, plan, sample_gen, group))
-
-
 class LeaderStep:
     """Rank 0's train step (a :data:`client.train.TrainStep`): hand the round over, train shard 0."""
 
@@ -169,9 +124,9 @@ class LeaderStep:
             dist.scatter_object_list(mine, shards, src=0)
             self._sent = (ids, mask)
         b_ids, b_mask, b_group = shard(ids, mask, group, 0, world)
-        return train_dp_ddp(
+        return train_dp(
             model, b_ids, b_mask, plan, learning_rate=learning_rate, seed=seed, group=b_group,
-            objective=objective, mode=self.mode,
+            objective=objective, mode=self.mode, distributed=True,
         )  # fmt: skip
 
     def stop(self) -> None:
@@ -209,8 +164,8 @@ def follow(policy_path: str | Path, ranks: Ranks) -> None:
                 peft_for_dp(load_base(policy.model_path, compute), order["lora"], compute),
                 order["lora"],
             )
-        stats = train_dp_ddp(
-            model, ids, mask, order["plan"],
+        stats = train_dp(
+            model, ids, mask, order["plan"], distributed=True,
             learning_rate=order["learning_rate"], seed=order["seed"], group=group,
             objective=order["objective"], mode=order["mode"],
         )  # fmt: skip

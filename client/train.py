@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, Protocol, get_args
 
 import torch
+import torch.distributed as dist
 from opacus import GradSampleModule
 from opacus.data_loader import DPDataLoader
 from opacus.grad_sample import GradSampleModuleFastGradientClipping
@@ -42,19 +43,9 @@ from client.objectives import (
 from client.tokens import take_records
 
 __all__ = [
-    "DP_MODES",
-    "DPPlan",
-    "DPStepper",
-    "TrainStats",
-    "TrainStep",
-    "evaluate_loss",
-    "make_generator",
-    "model_device",
-    "per_sample_loss",
-    "poisson_batches",
-    "run_steps",
-    "train_dp",
-]
+    "DP_MODES", "DPPlan", "DPStepper", "TrainStats", "TrainStep", "evaluate_loss", "make_generator",
+    "model_device", "per_sample_loss", "poisson_batches", "run_steps", "train_dp",
+]  # fmt: skip
 
 log = logging.getLogger(__name__)
 
@@ -288,6 +279,7 @@ def train_dp(
     group: torch.Tensor | None = None,
     objective: Objective = token_mean,
     mode: DPMode = DEFAULT_MODE,
+    distributed: bool = False,
 ) -> TrainStats:
     """Run ``plan.steps`` DP-SGD steps (Poisson sampling, per-sample clipping, Gaussian noise).
 
@@ -315,6 +307,12 @@ def train_dp(
         The training kind's per-record loss (``client.objectives``).
     mode
         Opacus per-sample gradient mode; see :class:`DPStepper`.
+    distributed
+        Called by every rank of a ``torch.distributed`` group with its own shard of the records
+        (``client.distributed``): rank 0's trainable tensors are every rank's start, each rank
+        Poisson-samples its shard, and the step is the one-process step on the union of the ranks'
+        batches (the clipped sums added, one noise draw on rank 0, which with ``seed`` is the
+        one-process draw). Every rank's model ends with the same weights.
 
     Returns
     -------
@@ -322,11 +320,18 @@ def train_dp(
         Steps taken (empty batches included) and the loss trajectory.
     """
     model.train()
-    sample_gen = make_generator(seed)
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    if distributed:
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.requires_grad:
+                    dist.broadcast(p.data, src=0)
+    sample_gen = make_generator(None if seed is None else seed + 7919 * rank)
     noise_gen = make_generator(None if seed is None else seed + 1, model_device(model))
     stepper = DPStepper(
-        model, plan, learning_rate=learning_rate, noise_generator=noise_gen, mode=mode, objective=objective
-    )
+        model, plan, learning_rate=learning_rate, noise_generator=noise_gen, mode=mode, objective=objective,
+        world_size=world,
+    )  # fmt: skip
     return run_steps(stepper, poisson_batches(ids, mask, plan, sample_gen, group))
 
 

@@ -19,7 +19,7 @@ import torch.multiprocessing as mp
 from flwr.app import ArrayRecord
 
 from client.compute import ComputeSection, resolve
-from client.distributed import Ranks, init_group, shard, train_dp_ddp
+from client.distributed import Ranks, init_group, shard
 from client.train import DPPlan, train_dp
 from common.config import LoraSpec
 from common.errors import ConfigError
@@ -67,9 +67,9 @@ def _rank(rank: int, world: int, port: int, path: str, out: str) -> None:
                     if p.requires_grad:
                         p.add_(1.0)
         mine_ids, mine_mask, _ = shard(ids, mask, None, rank, world)
-        exact = train_dp_ddp(model, mine_ids, mine_mask, EXACT, learning_rate=0.01, seed=SEED)
+        exact = train_dp(model, mine_ids, mine_mask, EXACT, learning_rate=0.01, seed=SEED, distributed=True)
         after_exact = _lora(model)
-        poisson = train_dp_ddp(model, mine_ids, mine_mask, POISSON, learning_rate=0.01)
+        poisson = train_dp(model, mine_ids, mine_mask, POISSON, learning_rate=0.01, distributed=True)
         gathered: list[dict[str, torch.Tensor] | None] = [None] * world
         dist.all_gather_object(gathered, _lora(model))
         if rank == 0:
