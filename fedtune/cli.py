@@ -170,6 +170,8 @@ def simulate(
                 f"{escape(site)}: {row.get('status', '?')}"
                 + (f" eps={row['epsilon']:.2f}" if "epsilon" in row else "")
                 + (f" eval={ev:.3f}" if ev is not None else "")
+                + (f" margin={row['reward-margin']:.2f}" if "reward-margin" in row else "")
+                + (f" acc={row['reward-accuracy']:.2f}" if "reward-accuracy" in row else "")
             )
         console.print(
             f"[bold]round {line['round']}/{planned}[/bold] ({line['time']:.0f}s) " + " | ".join(parts)

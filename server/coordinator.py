@@ -152,8 +152,9 @@ def run_federation(
         eval_infos = strategy.rows
         state.totals["bytes_down"] += down
         for r in eval_infos:
-            if "eval-loss" in r.metrics:
-                state.sites.setdefault(r.site, {})["eval_loss_after"] = r.metrics["eval-loss"]
+            for key in ("eval-loss", "reward-margin", "reward-accuracy"):  # (the last two: dpo runs)
+                if key in r.metrics:
+                    state.sites.setdefault(r.site, {})[f"{key.replace('-', '_')}_after"] = r.metrics[key]
         line = _round_line(rnd, t0, down, up, new_arrays is not None, train_infos, eval_infos)
         run.append_metrics(line)
         state.arrays, state.adapter_round = arrays, rnd
