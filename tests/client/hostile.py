@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import subprocess
+import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -80,3 +85,20 @@ def reason(reply: Message) -> str:
     if reply.has_error():
         return str(reply.error.reason)
     return str(reply.content.config_records["site"]["reason"])
+
+
+@contextlib.contextmanager
+def serving(site: Site, cmd: Sequence[str], sock: Path, log_path: Path, **env: str) -> Iterator[None]:
+    """Run the site worker ``cmd`` until the block ends (stopped by PID); the site's rounds go to it."""
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(list(cmd), stdout=log, stderr=subprocess.STDOUT, env=os.environ | env)
+        try:
+            deadline = time.monotonic() + 240
+            while b"site worker ready" not in log_path.read_bytes():
+                assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()
+                time.sleep(0.2)
+            site.node_config = {"worker": str(sock)}
+            yield
+        finally:
+            proc.terminate()
+            proc.wait(timeout=60)

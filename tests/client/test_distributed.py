@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
-import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,7 +22,7 @@ from client.train import DPPlan, train_dp
 from common.config import LoraSpec
 from common.errors import ConfigError
 from common.modeling import adapter_state, load_base_model, make_peft_model
-from tests.client.hostile import Site, reason, status
+from tests.client.hostile import Site, reason, serving, status
 
 LORA = LoraSpec(rank=4, alpha=8, targets="q_proj,v_proj")
 N, WIDTH, SEED = 10, 12, 11
@@ -187,20 +185,8 @@ def torchrun_site(
         "--master-port", str(_free_port()), str(bin_dir / "fedtune"), "site", "serve", str(site.policy),
         "--socket", str(sock),
     ]  # fmt: skip
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(
-            cmd, stdout=log, stderr=subprocess.STDOUT, env=os.environ | {"OMP_NUM_THREADS": "1"}
-        )
-        try:
-            deadline = time.monotonic() + 240
-            while b"site worker ready" not in log_path.read_bytes():
-                assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()
-                time.sleep(0.2)
-            site.node_config = {"worker": str(sock)}
-            yield site
-        finally:
-            proc.terminate()
-            proc.wait(timeout=60)
+    with serving(site, cmd, sock, log_path, OMP_NUM_THREADS="1"):
+        yield site
 
 
 @pytest.mark.slow

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from multiprocessing import AuthenticationError
 from multiprocessing.connection import Client
@@ -21,7 +19,7 @@ from hypothesis import strategies as st
 from client.client_app import handle_evaluate
 from client.worker import WorkerClient, decode_frame, encode_frame, key_path, share_with_group
 from common.errors import ConfigError
-from tests.client.hostile import Site, reason, status
+from tests.client.hostile import Site, reason, serving, status
 
 
 @pytest.fixture(scope="module")
@@ -29,24 +27,10 @@ def worker(tmp_path_factory: pytest.TempPathFactory, hostile_data: Path, tiny_mo
     """A site whose rounds go to `fedtune site serve` (a real process, stopped by PID at the end)."""
     site = Site(tmp_path_factory.mktemp("worker") / "site", hostile_data, tiny_model)
     sock = site.root / "w.sock"
-    log = (site.root / "worker.log").open("wb")
     cli = Path(sys.executable).parent / "fedtune"
-    proc = subprocess.Popen(
-        [str(cli), "site", "serve", str(site.policy), "--socket", str(sock)],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        deadline = time.monotonic() + 240
-        while b"site worker ready" not in (site.root / "worker.log").read_bytes():
-            assert proc.poll() is None and time.monotonic() < deadline, (site.root / "worker.log").read_text()
-            time.sleep(0.2)
-        site.node_config = {"worker": str(sock)}
+    with serving(site, [str(cli), "site", "serve", str(site.policy), "--socket", str(sock)], sock,
+                 site.root / "worker.log"):  # fmt: skip
         yield site
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-        log.close()
     assert not sock.exists() or not key_path(sock).exists()  # the key goes with the worker
 
 
