@@ -46,7 +46,6 @@ class SiteRecords:
         self._before_load = before_load  # e.g. the state dir's disk check
         self._data: dict[str, SiteData] = {}
         self._tokens: dict[tuple[str, int], tuple[Tokenized, Tokenized]] = {}
-        self._too_long: dict[tuple[str, int], int] = {}
 
     def check_kind(self, kind: str) -> None:
         """The site trains ``kind`` only if its policy allows it and it has records for it."""
@@ -75,7 +74,8 @@ class SiteRecords:
 
     def too_long(self, kind: str, max_len: int) -> int:
         """Records of ``kind`` left out at ``max_len`` because their label did not fit."""
-        return self._too_long.get((kind, max_len), 0)
+        rows = self._tokens.get((kind, max_len))
+        return sum(len(t.too_long) for t in rows) if rows else 0
 
     def tokens(self, kind: str, max_len: int, tokenizer: Any) -> tuple[Tokenized, Tokenized]:
         """Train and held-out token rows of ``kind`` at ``max_len``; refuses if no record fits."""
@@ -84,14 +84,13 @@ class SiteRecords:
             d, chunk = self.data(kind), self.policy.data.long_records == "chunk"
             train = tokenize_examples(d.train, tokenizer, max_len, chunk=chunk)
             held = tokenize_examples(d.eval, tokenizer, max_len, chunk=chunk)
-            self._too_long[key] = len(train.too_long) + len(held.too_long)
-            if self._too_long[key]:
+            self._tokens[key] = (train, held)
+            if left_out := self.too_long(kind, max_len):
                 log.warning(
                     "site %s: %d of %d records have a response longer than max-seq-len %d tokens; they "
                     "are left out of training and evaluation (a cut label is never trained on)",
-                    self.policy.name, self._too_long[key], len(d.train) + len(d.eval), max_len,
+                    self.policy.name, left_out, len(d.train) + len(d.eval), max_len,
                 )  # fmt: skip
-            self._tokens[key] = (train, held)
             self.loads["tokenize"] += 1
         train, held = self._tokens[key]
         if train.records == 0 or held.records == 0:
