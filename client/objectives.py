@@ -158,8 +158,7 @@ def dpo_margins(
 ) -> torch.Tensor:
     """Each pair's reward margin ``beta * ((logp_c - ref_c) - (logp_r - ref_r))`` (``[pairs]``)."""
     chosen, rejected = _pair_rows(group, ids.size(0))
-    ratio = sequence_logps(model, ids, mask) - reference_logps(model, ids, mask).to(ids.device)
-    ratio = ratio.to(torch.float32)
+    ratio = (sequence_logps(model, ids, mask) - reference_logps(model, ids, mask)).to(torch.float32)
     return beta * (ratio[chosen] - ratio[rejected])
 
 
