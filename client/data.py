@@ -269,9 +269,7 @@ def load_site_data(pol: SitePolicy, kind: str = "sft") -> SiteData:
     cache = pol.state_dir / "scrub" / f"{fingerprint(settings)[:32]}.json"
     cached = _read_cache(cache)
     if cached is not None:
-        examples = [
-            Example(e[0], e[1], e[2], e[3], tuple((r, c) for r, c in e[4])) for e in cached["examples"]
-        ]
+        examples = [Example.from_row(e) for e in cached["examples"]]
         counts, touched = cached["counts"], cached["records_touched"]
     else:
         scrubber = get_scrubber(scrub_cfg)
@@ -284,17 +282,9 @@ def load_site_data(pol: SitePolicy, kind: str = "sft") -> SiteData:
             ]
         else:
             clean, report = scrubber.scrub_records(records, fields)
-        if kind == "cpt":
-            examples = [Example("", "\n\n".join(str(r[f]) for f in fields)) for r in clean]
-        elif kind == "dpo":
-            prompt, chosen, rejected = fields
-            examples = [Example(str(r[prompt]), str(r[chosen]), "", str(r[rejected])) for r in clean]
-        else:
-            examples = [example_of(r, fields) for r in clean]
+        examples = [example_of(r, fields, kind) for r in clean]
         counts, touched = dict(report.counts), report.records_touched
-        rows = [
-            [e.instruction, e.response, e.system, e.rejected, [list(t) for t in e.turns]] for e in examples
-        ]
+        rows = [e.to_row() for e in examples]
         atomic_write_text(cache, json.dumps({"examples": rows, "counts": counts, "records_touched": touched}))
         # the privacy office's view: counts per entity type, never values
         name = "scrub-report.json" if kind == "sft" else f"scrub-report-{kind}.json"

@@ -18,7 +18,7 @@ never packed into one row. With ``chunk=False`` raw text is cut on the right.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -47,6 +47,15 @@ class Example:
     rejected: str = ""
     turns: tuple[tuple[str, str], ...] = ()
 
+    def to_row(self) -> list[Any]:
+        """The example as a JSON row (the scrub cache): four strings and the ``[role, content]`` turns."""
+        return [self.instruction, self.response, self.system, self.rejected, [list(t) for t in self.turns]]
+
+    @classmethod
+    def from_row(cls, row: list[Any]) -> Example:
+        """The example of a :meth:`to_row` row."""
+        return cls(row[0], row[1], row[2], row[3], tuple((r, c) for r, c in row[4]))
+
     @property
     def plain_prompt(self) -> str:
         """The prompt in the plain template ("" for raw text)."""
@@ -65,12 +74,19 @@ class Example:
         return self.plain_prompt + self.response
 
 
-def example_of(record: dict[str, Any], fields: Sequence[str]) -> Example:
-    """The :class:`Example` of one (scrubbed) record with the policy's ``text-fields``.
+def example_of(record: Mapping[str, Any], fields: Sequence[str], kind: str = "sft") -> Example:
+    """The :class:`Example` of one (scrubbed) record of training kind ``kind`` with its ``fields``.
 
-    ``instruction`` + ``response`` (and optionally ``system``) make an instruction example; any other
-    fields are raw text, ``field: value`` paragraphs, all of it trained on.
+    ``cpt``: the fields are raw text, joined. ``dpo``: the fields are prompt, chosen, rejected.
+    ``sft``: ``messages`` is a conversation; ``instruction`` + ``response`` (and optionally
+    ``system``) an instruction example; any other fields are raw text, ``field: value`` paragraphs,
+    all of it trained on.
     """
+    if kind == "cpt":
+        return Example("", "\n\n".join(str(record[f]) for f in fields))
+    if kind == "dpo":
+        prompt, chosen, rejected = fields
+        return Example(str(record[prompt]), str(record[chosen]), "", str(record[rejected]))
     if tuple(fields) == ("messages",):
         return Example("", "", turns=tuple((str(m["role"]), str(m["content"])) for m in record["messages"]))
     if {"instruction", "response"} <= set(fields) <= {"system", "instruction", "response"}:
