@@ -1,9 +1,8 @@
 """The site's local data pipeline: read -> validate -> scrub -> split (tokenizing: ``client.tokens``).
 
-Nothing is silently dropped: the first bad record stops the pipeline with its file,
-line and a fix, before any budget is spent. Scrubbed text is cached in the site's
-state dir (keyed by the raw file's hash and the scrub settings) so rounds after the
-first skip the slow NER pass (:func:`load_site_data`).
+Nothing is silently dropped: the first bad record stops preparation (``fedtune site prepare``,
+:mod:`client.prepare`) with its file, line and a fix. A round reads only the prepared set
+(:func:`load_site_data`): it never scrubs and never re-reads the raw files.
 """
 
 from __future__ import annotations
@@ -11,19 +10,20 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from client.tokens import Example, example_of
+from client.prepared import Entry, corrupt, kind_dir, manifest_path, read_chunk, read_manifest
+from client.tokens import Example
 from common.errors import DataError
-from common.fsutil import atomic_write_text, file_sha256
 
 if TYPE_CHECKING:
     from client.policy import SitePolicy
 
-SCRUB_VERSION = "5"  # bump whenever scrubbing output changes: cached scrubbed text is then redone
+log = logging.getLogger(__name__)
 
 FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".parquet": "parquet"}
 
@@ -196,13 +196,6 @@ def _check_messages(path: Path, line: int | None, value: object) -> int:
     return size
 
 
-def _flat_turns(records: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[str]]:
-    """Each conversation's turns as fields ``turn0``, ``turn1``... so the scrubber sees every one."""
-    longest = max((len(r["messages"]) for r in records), default=0)
-    flat = [{f"turn{i}": m["content"] for i, m in enumerate(r["messages"])} for r in records]
-    return flat, [f"turn{i}" for i in range(longest)]
-
-
 def is_eval(text: str, eval_fraction: float) -> bool:
     """Deterministic split by content hash: the same record always lands on the same side."""
     h = int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "big")
@@ -242,77 +235,58 @@ def fingerprint(texts: Sequence[str]) -> str:
 
 
 def load_site_data(pol: SitePolicy, kind: str = "sft") -> SiteData:
-    """Validate, scrub (cached in the state dir by file hash and scrub settings) and split ``kind``'s records.
+    """``kind``'s prepared set (``fedtune site prepare``, :mod:`client.prepare`): read, never scrubbed.
 
-    ``sft``: the ``[data] path`` records with their ``text-fields``; ``cpt``: the ``cpt-path`` records,
-    whose ``cpt-fields`` are raw text; ``dpo``: the ``dpo-path`` pairs (``dpo-fields``: prompt, chosen,
-    rejected). Every text field of every kind is scrubbed.
+    Reads only the manifest and the chunks it names (each checked against its SHA-256), never the raw
+    file: a raw file changed since preparation is only noticed by its size and time, and logged.
+
+    Raises
+    ------
+    SiteNotPreparedError
+        Not prepared, or prepared with other settings (a refusal: nothing is spent).
+    DataError
+        The prepared set is corrupt or incomplete (names the file and the fix).
     """
-    from client.policy import scrub_config
-    from privacy.pii import get_scrubber
-
-    where = pol.records_of(kind)
-    if where is None:
+    if pol.records_of(kind) is None:
         raise DataError(
             str(pol.source), None, f"this site has no records for train-kind {kind}",
             f"set [data] {kind}-path in the site policy, or drop {kind} from [training] allowed-kinds",
         )  # fmt: skip
-    path, fields = where
-    records = load_records(path, fields, max_chars=pol.data.max_record_chars)
-    scrub_cfg = scrub_config(pol)
-    settings = (
-        file_sha256(path), ",".join(fields), scrub_cfg.spacy_model, scrub_cfg.operator,
-        json.dumps(sorted(dict(scrub_cfg.entity_operators).items())), str(scrub_cfg.keep_date_year),
-        fingerprint([scrub_cfg.pseudonym_key.decode("latin-1")]) if scrub_cfg.pseudonym_key else "",
-        SCRUB_VERSION, kind,
-    )  # fmt: skip
-    cache = pol.state_dir / "scrub" / f"{fingerprint(settings)[:32]}.json"
-    cached = _read_cache(cache)
-    if cached is not None:
-        examples = [Example.from_row(e) for e in cached["examples"]]
-        counts, touched = cached["counts"], cached["records_touched"]
-    else:
-        scrubber = get_scrubber(scrub_cfg)
-        if tuple(fields) == ("messages",):  # a name in one turn is scrubbed in every turn of the record
-            flat, turn_fields = _flat_turns(records)
-            scrubbed, report = scrubber.scrub_records(flat, turn_fields)
-            clean: list[dict[str, object]] = [
-                {"messages": [dict(m, content=t[f"turn{i}"]) for i, m in enumerate(r["messages"])]}
-                for r, t in zip(records, scrubbed, strict=True)
-            ]
-        else:
-            clean, report = scrubber.scrub_records(records, fields)
-        examples = [example_of(r, fields, kind) for r in clean]
-        counts, touched = dict(report.counts), report.records_touched
-        rows = [e.to_row() for e in examples]
-        atomic_write_text(cache, json.dumps({"examples": rows, "counts": counts, "records_touched": touched}))
-        # the privacy office's view: counts per entity type, never values
-        name = "scrub-report.json" if kind == "sft" else f"scrub-report-{kind}.json"
-        atomic_write_text(pol.state_dir / name, json.dumps(report.to_dict(), indent=2))
-    train, held = split_examples(examples, pol.data.eval_fraction)
-    return SiteData(tuple(train), tuple(held), fingerprint([e.text for e in train]), counts, touched)
-
-
-def _read_cache(path: Path) -> dict[str, Any] | None:
-    """A scrub cache file, or ``None`` when absent or unusable (then the data is scrubbed again)."""
+    manifest = read_manifest(pol, kind)
+    entries: dict[str, Entry] = {}
+    folder = kind_dir(pol, kind) / manifest["store"]
+    for name, digest in manifest["chunks"].items():
+        path = folder / str(name)
+        try:
+            raw = path.read_bytes()
+        except OSError as exc:
+            raise corrupt(path, pol, f"cannot read this chunk ({exc.strerror})") from None
+        chunk = read_chunk(path, raw, manifest["store"])
+        if chunk is None or hashlib.sha256(raw).hexdigest() != digest:
+            raise corrupt(path, pol, "this chunk does not match the manifest's SHA-256")
+        entries.update(chunk)
     try:
-        cached = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
-        return None
-    ok = (
-        isinstance(cached, dict)
-        and isinstance(cached.get("examples"), list)
-        and all(_cached_row(e) for e in cached["examples"])
-        and isinstance(cached.get("counts"), dict)
-    )
-    return cached if ok and isinstance(cached.get("records_touched"), int) else None
+        examples = [Example.from_row(entries[h][0]) for h in manifest["records"]]
+    except KeyError:
+        raise corrupt(manifest_path(pol, kind), pol, "a record is in no chunk") from None
+    train, held = split_examples(examples, pol.data.eval_fraction)
+    digest = fingerprint([e.text for e in train])
+    if (digest, len(train), len(held)) != (manifest["fingerprint"], manifest["train"], manifest["eval"]):
+        raise corrupt(manifest_path(pol, kind), pol, "its records do not give its fingerprint")
+    _note_changes(pol, kind, manifest["source"])
+    return SiteData(tuple(train), tuple(held), digest, dict(manifest["counts"]), manifest["records_touched"])
 
 
-def _cached_row(row: object) -> bool:
-    """One cached example: four strings and a list of ``[role, content]`` turns."""
-    if not (isinstance(row, list) and len(row) == 5 and all(isinstance(x, str) for x in row[:4])):
-        return False
-    turns = row[4]
-    return isinstance(turns, list) and all(
-        isinstance(t, list) and len(t) == 2 and all(isinstance(x, str) for x in t) for t in turns
-    )
+def _note_changes(pol: SitePolicy, kind: str, source: dict[str, Any]) -> None:
+    """Log (never re-hash) a raw file that changed since it was prepared: rounds use the prepared set."""
+    where = pol.records_of(kind)
+    try:
+        st = where[0].stat() if where else None
+    except OSError:
+        st = None
+    if st is None or (st.st_size, st.st_mtime_ns) != (source.get("size"), source.get("mtime_ns")):
+        log.warning(
+            "site %s: %s changed since it was prepared at %s; rounds use the prepared set: run "
+            "`fedtune site prepare --policy %s` to train on the change",
+            pol.name, source.get("path"), source.get("prepared_at", "?"), pol.source,
+        )  # fmt: skip

@@ -225,8 +225,14 @@ class Scrubber:
         """Return the spans that scrubbing would replace in each (independent) text."""
         return [group[0] for group in self._detect_groups([[text] for text in texts])]
 
-    def _scrub_groups(self, groups: Sequence[Sequence[str]]) -> tuple[list[list[str]], list[Counter[str]]]:
-        """Scrub each group of texts (one record's fields)."""
+    def scrub_groups(self, groups: Sequence[Sequence[str]]) -> tuple[list[list[str]], list[Counter[str]]]:
+        """Scrub each group of texts (one record's fields; names propagate within a group).
+
+        Returns
+        -------
+        tuple[list[list[str]], list[Counter[str]]]
+            The scrubbed groups and each group's entity counts, in input order.
+        """
         from presidio_anonymizer.entities import RecognizerResult as AnonymizerResult
 
         out: list[list[str]] = []
@@ -260,8 +266,8 @@ class Scrubber:
         from privacy.pii_workers import scrub_in_workers
 
         if workers <= 1 or len(groups) < 2 * workers:
-            return self._scrub_groups(groups)
-        return scrub_in_workers(self._scrub_groups, groups, workers)
+            return self.scrub_groups(groups)
+        return scrub_in_workers(self.scrub_groups, groups, workers)
 
     def scrub_texts(self, texts: Sequence[str], *, workers: int = 1) -> tuple[list[str], ScrubReport]:
         """Scrub independent texts (batched through spaCy's ``nlp.pipe``).

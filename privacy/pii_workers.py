@@ -2,20 +2,24 @@
 
 Workers are forked from the calling process, so each reuses the spaCy pipeline and
 Presidio engines already loaded there (no second load, no download).  Chunks keep
-their order; results are identical to a single-process scrub.
+their order; results are identical to a single-process scrub.  :func:`worker_pool`
+keeps one pool for a stream of batches (site preparation: ``client.prepare``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 
 Groups = Sequence[Sequence[str]]
 
 
-Scrub = Callable[[Groups], tuple[list[list[str]], list[Counter[str]]]]
+Result = tuple[list[list[str]], list[Counter[str]]]
+Scrub = Callable[[Groups], Result]
+Runner = Callable[[Iterable[Groups]], Iterator[Result]]
 _FORKED: list[Scrub] = []  # the running pool's scrub function: inherited by fork, never pickled
 
 
@@ -59,3 +63,23 @@ def scrub_in_workers(
     finally:
         _FORKED.pop()
     return out, counts
+
+
+@contextlib.contextmanager
+def worker_pool(scrub: Scrub, workers: int) -> Iterator[Runner]:
+    """A runner mapping batches of groups to their results, in order, over one pool of ``workers``.
+
+    With ``workers <= 1`` (or no ``fork``) the batches are scrubbed lazily in this process; else
+    ``workers`` forked processes share the batches, each one a task (keep them small, e.g. 64
+    records, so the processes stay busy to the last batch).
+    """
+    if workers <= 1 or "fork" not in multiprocessing.get_all_start_methods():
+        yield lambda batches: map(scrub, batches)
+        return
+    _FORKED.append(scrub)
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("fork"))
+    try:
+        yield lambda batches: pool.map(_scrub_chunk, batches)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)  # on an interrupt: drop the queued batches
+        _FORKED.pop()

@@ -1,11 +1,17 @@
 """Shared fixtures: the tiny model, synthetic site data and one finished simulation.
 
 Everything is offline and local; expensive things are built once per session.
+
+A site must be prepared (``fedtune site prepare``) before its rounds. Tests that build a site in
+this process get it prepared on its first round, as its admin would have done beforehand
+(:func:`prepared_on_first_use`); a test of the unprepared site itself is marked ``unprepared``.
+Sites whose rounds run in another process are prepared by their fixtures (``prepare_site``).
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +30,33 @@ os.environ.update(
 )
 
 RECORDS_PER_SITE = 120
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "unprepared: sites are not prepared on their first round")
+
+
+@pytest.fixture(autouse=True)
+def prepared_on_first_use(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """A round of an unprepared site in this process prepares it first (one process, as a test's)."""
+    if request.node.get_closest_marker("unprepared"):
+        yield
+        return
+    import client.data
+    from client.prepare import prepare_site
+    from client.prepared import SiteNotPreparedError
+
+    read = client.data.read_manifest
+
+    def read_or_prepare(policy: Any, kind: str) -> dict[str, Any]:
+        try:
+            return read(policy, kind)
+        except SiteNotPreparedError:
+            prepare_site(policy, kinds=[kind])
+            return read(policy, kind)
+
+    monkeypatch.setattr(client.data, "read_manifest", read_or_prepare)
+    yield
 
 
 @pytest.fixture(scope="session")
