@@ -7,7 +7,9 @@ references) is checked by the very checker the site runs before every write
 
 * every reservation's cumulative epsilon is recomputed from the parameters of ALL reservations so far
   with fresh Opacus accountants, using the accounting settings the reservation records (not constants
-  of the code that wrote it), and checked against the recorded value and ``max_epsilon``;
+  of the code that wrote it: PRV's ``eps_error``, the RDP cut-off and the PRV domain -- Opacus's own,
+  or the quantised one of :mod:`privacy.accounting_prv`, recomputed from scratch without its caches),
+  and checked against the recorded value and ``max_epsilon``;
 * entries whose noise was seeded, and rounds released without DP, are reported as NOT PRIVATE;
 * the head record (``<site>.head.json`` beside the ledger) must name an entry the ledger holds: a ledger
   cut at its end -- e.g. a reservation of a crashed round removed -- fails here;
@@ -31,6 +33,7 @@ from typing import Any
 import numpy as np
 from opacus.accountants import PRVAccountant, RDPAccountant
 
+from privacy.accounting_prv import PRV_DOMAIN, FixedDomainPRVAccountant
 from privacy.keys import load_verifier, public_key_fingerprint
 from privacy.ledger_checks import Finding, LedgerError, Verifier, walk
 from privacy.ledger_entries import Commit, Release, Reserve
@@ -52,6 +55,7 @@ EPSILON_RTOL = 1e-2
 _DEFAULT_SETTINGS = {
     "prv_eps_error": 0.01,
     "rdp_above": 50.0,
+    "prv_domain": None,  # Opacus's own domain
 }  # ledgers written before settings were recorded
 _ALPHA_NOTE = r"Optimal order is the (largest|smallest) alpha"
 _MECHANISM = ("noise_multiplier", "sample_rate", "steps", "max_grad_norm", "delta")
@@ -157,6 +161,7 @@ def recompute_epsilon(
     delta: float,
     prv_eps_error: float = 0.01,
     rdp_above: float = 50.0,
+    prv_domain: str | None = None,
 ) -> tuple[float, float]:
     """Cumulative ``(epsilon, epsilon_rdp)`` of DP-SGD mechanisms, from fresh Opacus accountants.
 
@@ -166,9 +171,11 @@ def recompute_epsilon(
         ``(noise_multiplier, sample_rate, steps)`` of every reservation so far.
     delta
         Target delta.
-    prv_eps_error, rdp_above
-        The accounting settings the reservation recorded: PRV's ``eps_error``, and the RDP epsilon
-        above which the writer reported RDP without running PRV.
+    prv_eps_error, rdp_above, prv_domain
+        The accounting settings the reservation recorded: PRV's ``eps_error``, the RDP epsilon
+        above which the writer reported RDP without running PRV, and the PRV domain
+        (:data:`privacy.accounting_prv.PRV_DOMAIN`: :class:`FixedDomainPRVAccountant`; ``None``: a
+        stock ``PRVAccountant``).
 
     Returns
     -------
@@ -181,7 +188,8 @@ def recompute_epsilon(
     merged = [(sigma, q, n) for (sigma, q), n in steps.items()]
     with np.errstate(divide="ignore"), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=_ALPHA_NOTE, category=UserWarning)
-        rdp_acc, prv_acc = RDPAccountant(), PRVAccountant()
+        rdp_acc = RDPAccountant()
+        prv_acc = FixedDomainPRVAccountant() if prv_domain == PRV_DOMAIN else PRVAccountant()
         rdp_acc.history, prv_acc.history = list(merged), list(merged)
         rdp = float(rdp_acc.get_epsilon(delta))
         if rdp > rdp_above:
@@ -261,10 +269,15 @@ def _check_epsilon(audit: LedgerAudit, spending: list[Reserve | Release], rtol: 
         library = e.accounting.get("library")
         if library and library != installed:
             audit.warn(line, e.seq, "epsilon", f"recorded with {library}, recomputed with {installed}")
+        domain = settings["prv_domain"]
+        if domain not in (None, PRV_DOMAIN):
+            audit.warn(line, e.seq, "epsilon", f"unknown prv_domain {domain!r}: recomputed on Opacus's own")
+            domain = None
         history.append((float(e.noise_multiplier), float(e.sample_rate), int(e.steps)))
         eps, eps_rdp = recompute_epsilon(
-            tuple(history), float(e.delta), float(settings["prv_eps_error"]), float(settings["rdp_above"])
-        )
+            tuple(history), float(e.delta), float(settings["prv_eps_error"]), float(settings["rdp_above"]),
+            domain,
+        )  # fmt: skip
         status = next(s for s in audit.entries if s.seq == e.seq and s.line == line)
         status.epsilon_recomputed, status.epsilon_rdp_recomputed = eps, eps_rdp
         for name, recorded, fresh in (("epsilon", e.epsilon, eps), ("epsilon_rdp", e.epsilon_rdp, eps_rdp)):

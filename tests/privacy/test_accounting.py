@@ -1,4 +1,7 @@
-"""Tests for privacy.accounting: epsilon pinned to Opacus, calibration never over target."""
+"""Tests for privacy.accounting: epsilon pinned to Opacus, calibration never over target.
+
+The cache and the quantised PRV domain are tested in ``test_accounting_cache.py``.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ from opacus.accountants import PRVAccountant, RDPAccountant
 
 from common.errors import BudgetExceededError, ConfigError
 from privacy.accounting import MechanismStep, calibrate_noise, epsilon, merge_history
+from privacy.accounting_prv import FixedDomainPRVAccountant
 
 DELTA = 1e-5
 
@@ -28,7 +32,8 @@ PINNED = [
 
 
 def _opacus(history: list[tuple[float, float, int]], accountant: str, delta: float = DELTA) -> float:
-    acc = PRVAccountant() if accountant == "prv" else RDPAccountant()
+    """A fresh Opacus accountant: ``prv`` on Opacus's own domain, ``fixed`` on the recorded one."""
+    acc = {"prv": PRVAccountant, "fixed": FixedDomainPRVAccountant, "rdp": RDPAccountant}[accountant]()
     acc.history = list(history)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Optimal order", category=UserWarning)
@@ -45,10 +50,10 @@ def test_epsilon_matches_opacus_and_pinned_values(
 ) -> None:
     assert _opacus(history, "prv") == pytest.approx(prv, rel=1e-3)
     assert _opacus(history, "rdp") == pytest.approx(rdp, rel=1e-3)
-    assert epsilon(_steps(history), delta=DELTA) == pytest.approx(_opacus(history, "prv"), rel=1e-9)
-    assert epsilon(_steps(history), delta=DELTA, accountant="rdp") == pytest.approx(
-        _opacus(history, "rdp"), rel=1e-9
-    )
+    value = epsilon(_steps(history), delta=DELTA)
+    assert value == pytest.approx(_opacus(history, "fixed"), rel=1e-9, abs=1e-6)
+    assert value == pytest.approx(prv, abs=1e-4)  # the quantised domain: stated bound 2 * eps_error
+    assert epsilon(_steps(history), delta=DELTA, accountant="rdp") == _opacus(history, "rdp")
     assert prv <= rdp  # PRV is the tighter bound
 
 
@@ -62,7 +67,7 @@ def test_merge_history_sums_identical_mechanisms_in_first_seen_order() -> None:
     assert merge_history([a, b, a, a]) == [MechanismStep(1.0, 0.01, 300), b]
     assert epsilon([a, a, a], delta=DELTA) == epsilon([MechanismStep(1.0, 0.01, 300)], delta=DELTA)
     assert epsilon([a, b, a], delta=DELTA) == pytest.approx(
-        _opacus([(1.0, 0.01, 200), (1.5, 0.01, 50)], "prv"), rel=1e-9
+        _opacus([(1.0, 0.01, 200), (1.5, 0.01, 50)], "fixed"), rel=1e-9, abs=1e-6
     )
 
 
