@@ -40,7 +40,7 @@ from client.prepared import (
     store_key,
 )
 from client.tokens import Example, example_of
-from common.errors import DataError
+from common.errors import ConfigError, DataError
 from common.fsutil import atomic_write_bytes, atomic_write_text, file_sha256
 from privacy.pii import ScrubReport
 
@@ -117,9 +117,17 @@ def prepare_site(
     ------
     DataError
         A bad record (file:line and the fix), or a kind without records.
+    ConfigError
+        The state dir cannot be written.
     """
     chosen = list(kinds) if kinds is not None else kinds_of(policy)
-    return [_prepare(policy, k, max(1, workers), max(1, chunk_records), progress) for k in chosen]
+    try:
+        return [_prepare(policy, k, max(1, workers), max(1, chunk_records), progress) for k in chosen]
+    except OSError as exc:  # the raw files' errors are DataErrors already: this is the state dir
+        fix = "give this user write access and free space, or point [site] state-dir elsewhere"
+        why = exc.strerror or exc
+        problem = f"[site] state-dir '{policy.state_dir}': cannot write the prepared set ({why})"
+        raise ConfigError(str(policy.source), [f"{problem}: {fix}"]) from None
 
 
 def _groups(record: dict[str, Any], fields: Sequence[str]) -> list[str]:

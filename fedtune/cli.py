@@ -17,6 +17,7 @@ from common.errors import FedtuneError
 from common.runfolder import RunFolder
 from fedtune.audit_cli import audit_app, site_app
 from fedtune.deploy_cli import deploy_app
+from fedtune.prepare_cli import prepare
 from fedtune.scrub_cli import scrub
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
@@ -27,7 +28,10 @@ app.add_typer(data_app, name="data")
 console = Console()
 app.command("scrub")(scrub)
 app.add_typer(audit_app, name="audit", help="Offline verification and evidence for the privacy office.")
-app.add_typer(site_app, name="site", help="Site set-up: ledger signing keys, the site worker.")
+site_app.command("prepare")(prepare)
+app.add_typer(
+    site_app, name="site", help="Site set-up: ledger signing keys, data preparation, the site worker."
+)
 app.add_typer(deploy_app, name="deploy", help="Provision a real federation: CA, TLS, node and ledger keys.")
 
 

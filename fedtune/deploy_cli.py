@@ -193,3 +193,7 @@ def provision(
     for note in notes:
         console.print(f"[yellow]note:[/yellow] {escape(note)}", soft_wrap=True)
     console.print("next: deploy/start-superlink.sh, deploy/register-sites.sh (see deploy/README.md)")
+    console.print(
+        "each site, before its SuperNode: fedtune site prepare --policy SITE_DIR/policy.toml "
+        "(validates and scrubs its records once; rounds refuse until it has)"
+    )

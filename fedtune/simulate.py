@@ -12,7 +12,7 @@ import logging
 import math
 import os
 import shutil
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -89,13 +89,20 @@ def prepare_run(
     seeded: bool = False,
     privacy: Mapping[str, Any] | None = None,
     compute: Mapping[str, Any] | None = None,
+    kinds: Sequence[str] = ("sft",),
+    workers: int = min(2, os.cpu_count() or 1),
+    say: Callable[[str], None] = print,
 ) -> list[Path]:
-    """Write one policy and signing key per site under ``out/sites/<name>/``; return the policies.
+    """Write one policy and signing key per site under ``out/sites/<name>/``, prepare its ``kinds``.
 
     Each site's public key is copied to ``out/keys/<name>.pub``, as an auditor would receive it.
     ``non_private`` / ``seeded`` write the opt-ins a real site's privacy office would have to give
-    (training without DP; reproducible, hence NOT private, noise for tests).
+    (training without DP; reproducible, hence NOT private, noise for tests). Each site is then
+    prepared as its admin would (``fedtune site prepare``, ``workers`` processes); ``say`` reports it.
+    Returns the policies.
     """
+    from client.policy import load_policy
+    from client.prepare import prepare_site
     from privacy.keys import generate_keypair
 
     policies = []
@@ -124,6 +131,11 @@ def prepare_run(
         policy = site_dir / "policy.toml"
         policy.write_text(text, encoding="utf-8")
         policies.append(policy)
+        pol = load_policy(policy)
+        wanted = [k for k in dict.fromkeys(kinds) if pol.records_of(k) is not None]
+        say(f"preparing site {name} ({', '.join(wanted)}; as `fedtune site prepare`) ...")
+        for done in prepare_site(pol, workers=workers, kinds=wanted):
+            say(f"  {done.summary()}")
     return policies
 
 
@@ -166,6 +178,7 @@ def simulate(
     local_only: bool = False,
     privacy: Mapping[str, Any] | None = None,
     compute: Mapping[str, Any] | None = None,
+    say: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Run a simulated federation into ``out``; return the coordinator's summary.
 
@@ -173,7 +186,8 @@ def simulate(
     code); ``privacy`` adds ``[privacy]`` keys to every simulated site's policy, ``compute`` its
     ``[compute]`` keys (device, dtype, quantization, gradient checkpointing);
     ``run_config={"dp": False}`` the non-private baseline (the simulated sites' policies
-    then allow it; a real site's policy refuses it unless its privacy office opts in).
+    then allow it; a real site's policy refuses it unless its privacy office opts in). Each site
+    is prepared before the run (``say`` reports it).
     """
     set_offline_env()
     out = out.resolve()
@@ -214,6 +228,8 @@ def simulate(
         seeded=int(cfg_in.get("seed", -1)) >= 0,
         privacy=privacy,
         compute=compute,
+        kinds=("sft", str(cfg_in.get("train-kind", "sft"))),
+        say=say,
     )
     overrides |= {"model-dir": str(model.resolve()), "sim-policies": json.dumps([str(p) for p in policies])}
     if local_only:

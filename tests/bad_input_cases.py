@@ -21,6 +21,8 @@ from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from client.policy import load_policy, render_policy
+from client.prepare import prepare_site
+from client.prepared import read_manifest
 from client.site import SiteAgent
 from common.arrays import to_record
 from common.config import LoraSpec, RunConfig, TrainRequest
@@ -47,14 +49,62 @@ def policy(d: Path, text: str) -> Path:
     return file(d, "policy.toml", text)
 
 
-def site(d: Path, model: Path, **kw: Any) -> SiteAgent:
-    """A site with 24 short records, the given model and a default policy."""
+def site(d: Path, model: Path, *, prepared: bool = True, **kw: Any) -> SiteAgent:
+    """A site with 24 short records, the given model and a default policy; prepared unless not."""
     notes = [
         json.dumps({"instruction": f"Summarise note {i}.", "response": f"Stable on day {i}."})
         for i in range(24)
     ]
     data = file(d, "notes.jsonl", "\n".join(notes) + "\n")
-    return SiteAgent(load_policy(policy(d, render_policy(name="h1", data_path=data, model_path=model, **kw))))
+    pol = load_policy(policy(d, render_policy(name="h1", data_path=data, model_path=model, **kw)))
+    if prepared:
+        prepare_site(pol, kinds=["sft"])  # as `fedtune site prepare` before any round
+    return SiteAgent(pol)
+
+
+@contextlib.contextmanager
+def unprepared() -> Iterator[None]:
+    """No preparation on a first round (the test suite's ``prepared_on_first_use`` is undone)."""
+    with mock.patch("client.data.read_manifest", read_manifest):
+        yield
+
+
+def not_prepared(d: Path, model: Path) -> None:
+    """A round at a site nobody prepared."""
+    with unprepared():
+        site(d, model, prepared=False).train_round(global_adapter(model), request(model))
+
+
+def kind_not_prepared(d: Path, model: Path) -> None:
+    """A cpt round at a site whose documents were never prepared (only its sft records were)."""
+    docs = file(d, "docs.jsonl", "".join(json.dumps({"text": f"Ward note {i}."}) + "\n" for i in range(8)))
+    agent = site(d, model, cpt_path=docs)
+    with unprepared():
+        out = agent.train_round(global_adapter(model), request(model, **{"train-kind": "cpt"}))
+    raise FedtuneError(f"site refuses: {out.reason}" if not out.trained else "trained (no refusal)")
+
+
+def other_settings(d: Path, model: Path) -> None:
+    """The [pii] operator changed after preparation."""
+    site(d, model)
+    text = (d / "policy.toml").read_text(encoding="utf-8")
+    (d / "policy.toml").write_text(text.replace('operator = "placeholder"', 'operator = "redact"'))
+    with unprepared():
+        SiteAgent(load_policy(d / "policy.toml")).train_round(global_adapter(model), request(model))
+
+
+def corrupt_set(d: Path, model: Path) -> None:
+    """A chunk of the prepared set cut short (a disk error, a bad copy)."""
+    agent = site(d, model)
+    chunk = next((agent.policy.state_dir / "prepared" / "sft").glob("*/*.json"))
+    chunk.write_bytes(chunk.read_bytes()[:-40])
+    SiteAgent(load_policy(d / "policy.toml")).train_round(global_adapter(model), request(model))
+
+
+def bad_record_at_prepare(d: Path, model: Path) -> None:
+    """`fedtune site prepare` of a file whose third record lacks its response."""
+    data = file(d, "notes.jsonl", f"{GOOD}\n{GOOD}\n" + json.dumps({"instruction": "x"}) + "\n")
+    prepare_site(load_policy(policy(d, render_policy(name="h1", data_path=data, model_path=model))))
 
 
 def global_adapter(model: Path) -> ArrayRecord:

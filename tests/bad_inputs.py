@@ -22,6 +22,7 @@ from flwr.app import Array, ArrayRecord, RecordDict
 from client.data import load_records
 from client.faults import parse_faults
 from client.policy import load_policy
+from client.prepare import prepare_site
 from common.arrays import to_record
 from common.config import RunConfig, default_run_config
 from common.errors import ConfigError, FedtuneError
@@ -31,12 +32,17 @@ from tests.bad_input_cases import (
     GOOD,
     Maker,
     audit,
+    bad_record_at_prepare,
     cli,
+    corrupt_set,
     file,
     global_adapter,
     impostor,
+    kind_not_prepared,
     metric,
     no_receipt,
+    not_prepared,
+    other_settings,
     policy,
     receipt_without_hash,
     refused,
@@ -77,11 +83,11 @@ _MINIMAL = '[data]\npath = "d.jsonl"\n[model]\npath = "m"\n'
 
 def _no_cuda(d: Path, model: Path) -> None:
     with mock.patch("torch.cuda.is_available", return_value=False):
-        site(d, model, compute={"device": "cuda"}).compute()
+        site(d, model, prepared=False, compute={"device": "cuda"}).compute()
 
 
 def _too_big(d: Path, model: Path) -> None:
-    site(d, model, compute={"max-memory-gb": 0.0001}).compute()
+    site(d, model, prepared=False, compute={"max-memory-gb": 0.0001}).compute()
 
 
 def _mislabelled(c: RecordDict) -> None:
@@ -98,16 +104,21 @@ def _no_worker(d: Path, model: Path) -> None:
 
 def _full_disk(d: Path, model: Path) -> None:
     with mock.patch("client.site.shutil.disk_usage", return_value=mock.Mock(free=3 * 2**20)):
-        site(d, model).check_state_dir()
+        site(d, model, prepared=False).check_state_dir()
 
 
 def _unwritable(d: Path, model: Path) -> None:
     file(d, "state", "a file where the state folder should be")
-    site(d, model).check_state_dir()
+    site(d, model, prepared=False).check_state_dir()
+
+
+def _unwritable_at_prepare(d: Path, model: Path) -> None:
+    file(d, "state", "a file where the state folder should be")
+    site(d, model)
 
 
 def _no_permission(d: Path, model: Path) -> None:
-    agent = site(d, model)
+    agent = site(d, model, prepared=False)
     with mock.patch.object(Path, "write_text", side_effect=PermissionError(13, "Permission denied")):
         agent.check_state_dir()
 
@@ -141,6 +152,7 @@ def _cut(agent: Any, d: Path, start: Any) -> dict[str, Any]:
 def _move_state(agent: Any, d: Path, start: Any) -> dict[str, Any]:
     text = (d / "policy.toml").read_text().replace('state-dir = "state"', 'state-dir = "state2"')
     (d / "policy.toml").write_text(text)
+    prepare_site(load_policy(d / "policy.toml"))  # the admin prepared the new state dir too
     return {}
 
 
@@ -300,7 +312,13 @@ CASES: list[tuple[str, str, Maker]] = [
     ),
     ("data", "file missing", lambda d, m: load_records(d / "gone.jsonl", FIELDS)),
     ("data", "unsupported file type", lambda d, m: load_records(file(d, "a.txt", GOOD), FIELDS)),
+    ("data", "a bad record (line 3), at `fedtune site prepare`", bad_record_at_prepare),
+    ("data", "site not prepared (a round before `fedtune site prepare`)", not_prepared),
+    ("data", "a kind not prepared (its documents never were)", kind_not_prepared),
+    ("data", "prepared with other [pii] settings", other_settings),
+    ("data", "prepared set corrupt (a chunk cut short)", corrupt_set),
     ("state dir", "a file, not a folder", _unwritable),
+    ("state dir", "a file, not a folder, at `fedtune site prepare`", _unwritable_at_prepare),
     ("state dir", "no write permission (EACCES, mocked: tests run as root)", _no_permission),
     ("state dir", "disk full (3 MiB free, mocked)", _full_disk),
     ("request", "negative learning rate", refused(**{"learning-rate": -0.5})),

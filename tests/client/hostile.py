@@ -89,7 +89,11 @@ def reason(reply: Message) -> str:
 
 @contextlib.contextmanager
 def serving(site: Site, cmd: Sequence[str], sock: Path, log_path: Path, **env: str) -> Iterator[None]:
-    """Run the site worker ``cmd`` until the block ends (stopped by PID); the site's rounds go to it."""
+    """Prepare the site, run its worker ``cmd`` until the block ends (stopped by PID); rounds go to it."""
+    from client.policy import load_policy
+    from client.prepare import prepare_site
+
+    prepare_site(load_policy(site.policy))  # as `fedtune site prepare` before `fedtune site serve`
     with log_path.open("wb") as log:
         proc = subprocess.Popen(list(cmd), stdout=log, stderr=subprocess.STDOUT, env=os.environ | env)
         try:

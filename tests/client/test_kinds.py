@@ -10,6 +10,8 @@ from typing import Any
 import pytest
 from flwr.app import ArrayRecord
 
+from client.data import load_site_data
+from client.policy import load_policy
 from embedded.synthdata import generate_site_documents, generate_site_records
 from tests.client.hostile import Site, reason, status
 
@@ -85,8 +87,8 @@ def test_a_site_trains_multi_turn_conversations_with_every_turn_scrubbed(
     site.policy.write_text(text, encoding="utf-8")
     reply = site.ask_record(start_adapter, site.request_record(1) | {"max-seq-len": 192})
     assert status(reply) == "trained", reason(reply)
-    cache = next((site.root / "state" / "scrub").glob("*.json")).read_text(encoding="utf-8")
-    turns = [turn for row in json.loads(cache)["examples"] for _, turn in row[4]]
+    prepared = load_site_data(load_policy(site.policy))  # the prepared set
+    turns = [turn for e in prepared.train + prepared.eval for _, turn in e.turns]
     assert len(turns) == 4 * 40
     leaked = [p.value for p in planted if any(p.value in t for t in turns)]
     assert not leaked, leaked[:3]

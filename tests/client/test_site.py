@@ -14,6 +14,7 @@ import torch
 from flwr.app import ArrayRecord
 
 from client.policy import load_policy, render_policy
+from client.prepare import prepare_site
 from client.site import SiteAgent
 from common.arrays import to_record
 from common.config import LoraSpec, RunConfig, TrainRequest
@@ -152,6 +153,7 @@ def test_epsilon_continues_across_process_restarts(
     tmp_path: Path, tiny_model: Path, small_data: Path
 ) -> None:
     policy = _policy(tmp_path, small_data, tiny_model)
+    prepare_site(load_policy(policy))  # the rounds run in other processes
     results = []
     for rnd in (1, 2):  # each round in a brand-new process: only the state dir carries over
         proc = subprocess.run(
@@ -185,6 +187,7 @@ def test_reservation_counts_when_the_site_dies_mid_training(
     tmp_path: Path, tiny_model: Path, small_data: Path
 ) -> None:
     policy = _policy(tmp_path, small_data, tiny_model)
+    prepare_site(load_policy(policy))  # the rounds run in other processes
     proc = subprocess.Popen(
         [sys.executable, "-c", CRASH_SCRIPT, str(policy), str(tiny_model), "1"],
         stdout=subprocess.PIPE,

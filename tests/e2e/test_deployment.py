@@ -23,6 +23,8 @@ from typing import IO
 
 import pytest
 
+from client.policy import load_policy
+from client.prepare import prepare_site
 from fedtune.deploy_cli import provision_federation
 
 pytestmark = pytest.mark.slow
@@ -172,6 +174,8 @@ def test_tls_node_auth_federation(procs: Procs, tmp_path: Path, tiny_model: Path
     reg = run("register", DEPLOY / "register-sites.sh", op, *sites, timeout=60)
     assert reg.returncode == 0 and reg.stdout.count("registered successfully") == 2, reg.stdout + reg.stderr
 
+    for name in sites:  # each site's admin prepares its records before starting its SuperNode
+        prepare_site(load_policy(fed.sites[name] / "policy.toml"))
     nodes = []
     for name in sites:
         node = procs.start(name, DEPLOY / "start-supernode.sh", fed.sites[name], "--port", str(_free_port()))

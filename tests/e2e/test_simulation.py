@@ -8,6 +8,8 @@ from typing import Any
 
 import pytest
 
+from client.data import load_site_data
+from client.policy import load_policy
 from privacy.accounting import MechanismStep, epsilon
 from privacy.keys import load_verifier
 from privacy.ledger import PrivacyLedger, canonical_bytes
@@ -91,9 +93,8 @@ def test_adapter_is_a_standard_peft_directory(demo_run: dict[str, Any], tiny_mod
 def test_scrubbed_training_text_holds_no_planted_pii(demo_run: dict[str, Any], site_data: Path) -> None:
     for name in demo_run["summary"]["sites"]:
         planted = json.loads((site_data / f"{name}.pii.json").read_text(encoding="utf-8"))
-        caches = list((demo_run["out"] / "sites" / name / "state" / "scrub").glob("*.json"))
-        assert len(caches) == 1
-        rows = json.loads(caches[0].read_text(encoding="utf-8"))["examples"]
+        data = load_site_data(load_policy(demo_run["out"] / "sites" / name / "policy.toml"))  # prepared
+        rows = [e.to_row() for e in data.train + data.eval]
         text = "\n".join([f for row in rows for f in row[:4]] + [c for row in rows for _, c in row[4]])
         leaked = [p for p in planted if p["value"] in text]
         assert not leaked, f"{name}: {len(leaked)} planted values survived, e.g. {leaked[0]['entity_type']}"
