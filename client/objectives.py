@@ -12,8 +12,9 @@ positions that predict a ``TARGET`` token (a 0/1 mask: every real token).
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -115,18 +116,72 @@ class SequenceLoss(torch.nn.Module):
         return loss.sum() if self.reduction == "sum" else loss.mean()
 
 
+def _takes_logits_to_keep(model: torch.nn.Module) -> bool:
+    """Whether the causal LM under ``model`` (PEFT, Opacus) computes logits at chosen positions only."""
+    inner: Any = _base_of(model)
+    base = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+    return "logits_to_keep" in inspect.signature(base.forward).parameters
+
+
+def _eval_row_nll(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """:func:`row_nll`'s sums (float64) with logits only where a target token is predicted.
+
+    The head and the cross-entropy, over the whole vocabulary, are most of a small model's forward;
+    an instruction record's prompt (most of its tokens) predicts nothing that is scored.
+    """
+    if not _takes_logits_to_keep(model):
+        return row_nll(model, ids, mask)[0].double()
+    attend = mask != PAD
+    width = int(attend.sum(dim=1).max().item())
+    device = model_device(model)
+    ids, mask, attend = ids[:, :width].to(device), mask[:, :width].to(device), attend[:, :width].to(device)
+    keep = torch.zeros_like(attend)
+    keep[:, :-1] = mask[:, 1:] == TARGET  # position p predicts token p + 1
+    out = torch.zeros(ids.size(0), dtype=torch.float64, device=device)
+    if not bool(keep.any()):
+        return out
+    logits = model(input_ids=ids, attention_mask=attend.long(), logits_to_keep=keep, use_cache=False).logits
+    tok = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.size(-1)).float(), ids[:, 1:][keep[:, :-1]], reduction="none"
+    )
+    return out.index_add_(0, keep.nonzero()[:, 0], tok.double())
+
+
+def _by_length(mask: torch.Tensor, batch: int) -> list[torch.Tensor]:
+    """Row indices in batches of similar length (less padding in each batch's forward)."""
+    order = torch.argsort((mask != PAD).sum(dim=1), descending=True, stable=True)
+    return list(order.split(batch))
+
+
 @torch.no_grad()
-def evaluate_loss(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, batch: int = 32) -> float:
-    """Target-token-weighted mean next-token loss over a held-out set (prompts excluded)."""
+def record_nll(
+    model: torch.nn.Module,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    group: torch.Tensor | None = None,
+    batch: int = 32,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each held-out record's summed target-token loss and its target-token count (``[records]``,
+    float64), batched, without gradients, in eval mode."""
     was_training = model.training
     model.eval()
-    total, count = 0.0, 0.0
-    for i in range(0, ids.size(0), batch):
-        nll, tokens = row_nll(model, ids[i : i + batch], mask[i : i + batch])
-        total += float(nll.float().sum())
-        count += float(tokens.float().sum())
-    model.train(was_training)
-    return total / max(count, 1.0)
+    try:
+        nll = torch.zeros(ids.size(0), dtype=torch.float64)
+        for rows in _by_length(mask, batch):
+            nll[rows] = _eval_row_nll(model, ids[rows], mask[rows]).cpu()
+    finally:
+        model.train(was_training)
+    count = (mask[:, 1:] == TARGET).sum(dim=1).double()
+    if group is None:
+        return nll, count
+    records = records_of(group, ids.size(0))
+    return group_sum(nll, group, records), group_sum(count, group, records)
+
+
+def evaluate_loss(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, batch: int = 32) -> float:
+    """Target-token-weighted mean next-token loss over a held-out set (prompts excluded)."""
+    nll, count = record_nll(model, ids, mask, batch=batch)
+    return float(nll.sum()) / max(float(count.sum()), 1.0)
 
 
 def _pair_rows(group: torch.Tensor | None, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -179,22 +234,25 @@ class DPO:
 
 
 @torch.no_grad()
+def pair_margins(
+    model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, beta: float, batch: int = 32
+) -> torch.Tensor:
+    """Each held-out pair's reward margin (rows: chosen, rejected, ...), batched, in eval mode."""
+    _pair_rows(torch.arange(ids.size(0)) // 2, ids.size(0))  # two rows per pair, or ValueError
+    tuned = record_nll(model, ids, mask, batch=2 * batch)[0]
+    with _base_of(model).disable_adapter():  # type: ignore[operator]
+        ref = record_nll(_base_of(model), ids, mask, batch=2 * batch)[0]
+    ratio = ref - tuned  # log-prob of the tuned model minus the reference's
+    return beta * (ratio[0::2] - ratio[1::2])
+
+
 def evaluate_pairs(
     model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, beta: float, batch: int = 32
 ) -> dict[str, float]:
     """Held-out DPO loss, mean reward margin and accuracy (share of pairs with margin > 0)."""
-    was_training = model.training
-    model.eval()
-    margins = []
-    for i in range(0, ids.size(0), 2 * batch):
-        rows = min(2 * batch, ids.size(0) - i)
-        group = torch.arange(rows) // 2
-        margins.append(dpo_margins(model, ids[i : i + rows], mask[i : i + rows], group, beta).float().cpu())
-    model.train(was_training)
-    m = torch.cat(margins)
-    loss = float(torch.nn.functional.softplus(-m).mean())
+    m = pair_margins(model, ids, mask, beta, batch)
     return {
-        "eval-loss": loss,
+        "eval-loss": float(torch.nn.functional.softplus(-m).mean()),
         "reward-margin": float(m.mean()),
-        "reward-accuracy": float((m > 0).float().mean()),
+        "reward-accuracy": float((m > 0).double().mean()),
     }

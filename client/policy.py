@@ -20,12 +20,13 @@ from __future__ import annotations
 
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 from client.compute import ComputeSection
+from client.evaluation import EvaluationSection
 from common.config import SITE_NAME
 from common.declare import Rule, above, at_least, fraction, one_of, option, parse, toml_template
 from common.errors import ConfigError
@@ -185,6 +186,7 @@ SECTIONS: dict[str, type] = {
     "training": TrainingSection,
     "pii": PiiSection,
     "compute": ComputeSection,
+    "evaluation": EvaluationSection,
 }
 REQUIRED = {"site": ("name",), "data": ("path",), "model": ("path",)}
 
@@ -201,6 +203,7 @@ class SitePolicy:
     training: TrainingSection
     pii: PiiSection
     compute: ComputeSection
+    evaluation: EvaluationSection = field(default_factory=EvaluationSection)
 
     def _resolve(self, value: str) -> Path:
         q = Path(value).expanduser()
@@ -352,14 +355,15 @@ def render_policy(
     allow_seeded_noise: bool = False,
     privacy: Mapping[str, Any] | None = None,
     compute: Mapping[str, Any] | None = None,
+    evaluation: Mapping[str, Any] | None = None,
     cpt_path: Path | None = None,
     dpo_path: Path | None = None,
 ) -> str:
     """A complete, commented policy file (every key with its rule), for provisioning and simulations.
 
     ``privacy`` sets further ``[privacy]`` keys (e.g. ``{"max-epsilon-per-round": 2.0}``), ``compute``
-    the ``[compute]`` keys (e.g. ``{"quantization": "nf4"}``); ``cpt_path`` / ``dpo_path`` the raw-text
-    and preference records.
+    the ``[compute]`` keys (e.g. ``{"quantization": "nf4"}``), ``evaluation`` the ``[evaluation]`` keys;
+    ``cpt_path`` / ``dpo_path`` the raw-text and preference records.
     """
     site: dict[str, Any] = {"name": name, "state-dir": state_dir}
     if ledger_head is not None:
@@ -372,4 +376,5 @@ def render_policy(
     data |= {"dpo-path": str(dpo_path)} if dpo_path is not None else {}
     values = {"site": site, "data": data, "model": {"path": str(model_path)}}
     values |= {"privacy": budget | dict(privacy or {}), "compute": dict(compute or {})}
+    values |= {"evaluation": dict(evaluation or {})}
     return toml_template(SECTIONS, values)

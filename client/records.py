@@ -14,7 +14,8 @@ from collections.abc import Callable
 from typing import Any
 
 from client.data import SiteData, load_site_data
-from client.objectives import DPO, Objective, evaluate_loss, evaluate_pairs, token_mean
+from client.evaluation import HeldSample, ratio_stderr, sample_held
+from client.objectives import DPO, Objective, pair_margins, record_nll, token_mean
 from client.policy import SitePolicy
 from client.tokens import Tokenized, tokenize_examples
 from common.config import TrainConfig
@@ -30,11 +31,26 @@ def objective_for(train: TrainConfig) -> Objective:
     return DPO(train.dpo_beta) if train.train_kind == "dpo" else token_mean
 
 
-def held_out(train: TrainConfig, model: Any, held: Tokenized) -> dict[str, float]:
-    """The kind's held-out metrics: ``eval-loss`` (dpo: the DPO loss, reward margin and accuracy)."""
+def held_out(train: TrainConfig, model: Any, sample: HeldSample) -> dict[str, float]:
+    """The kind's held-out metrics on ``sample``: ``eval-loss`` (dpo: the DPO loss, reward margin and
+    accuracy), its standard error ``eval-loss-stderr`` and ``eval-records`` (records scored)."""
+    import torch
+
+    scored = {"eval-records": float(sample.records)}
     if train.train_kind == "dpo":
-        return evaluate_pairs(model, held.ids, held.roles, train.dpo_beta)
-    return {"eval-loss": evaluate_loss(model, held.ids, held.roles)}
+        m = pair_margins(model, sample.ids, sample.roles, train.dpo_beta)
+        loss = torch.nn.functional.softplus(-m)
+        return scored | {
+            "eval-loss": float(loss.mean()),
+            "eval-loss-stderr": ratio_stderr(loss, torch.ones_like(loss), sample.population),
+            "reward-margin": float(m.mean()),
+            "reward-accuracy": float((m > 0).double().mean()),
+        }
+    nll, count = record_nll(model, sample.ids, sample.roles, sample.group)
+    return scored | {
+        "eval-loss": float(nll.sum()) / max(float(count.sum()), 1.0),
+        "eval-loss-stderr": ratio_stderr(nll, count, sample.population),
+    }
 
 
 class SiteRecords:
@@ -46,6 +62,7 @@ class SiteRecords:
         self._before_load = before_load  # e.g. the state dir's disk check
         self._data: dict[str, SiteData] = {}
         self._tokens: dict[tuple[str, int], tuple[Tokenized, Tokenized]] = {}
+        self._samples: dict[tuple[str, int, int], HeldSample] = {}
 
     def check_kind(self, kind: str) -> None:
         """The site trains ``kind`` only if its policy allows it and it has records for it."""
@@ -99,3 +116,17 @@ class SiteRecords:
                 f"max-seq-len {max_len} tokens: the site refuses (ask for a longer max-seq-len)"
             )
         return train, held
+
+    def held_sample(self, kind: str, max_len: int, tokenizer: Any, limit: int) -> HeldSample:
+        """The fixed sample of ``kind``'s held-out records scored at ``max_len`` (``limit`` 0: all)."""
+        key = (kind, max_len, limit)
+        if key not in self._samples:
+            _, held = self.tokens(kind, max_len, tokenizer)
+            texts = [e.text for e in self.data(kind).eval]
+            self._samples[key] = sample_held(held, texts, limit)
+        return self._samples[key]
+
+    def score(self, train: TrainConfig, model: Any, sample: HeldSample) -> dict[str, float]:
+        """:func:`held_out` on ``sample``, counted in ``loads["held-out"]`` (held-out forward passes)."""
+        self.loads["held-out"] += 1
+        return held_out(train, model, sample)

@@ -36,9 +36,10 @@ from flwr.app import ArrayRecord
 from client import faults
 from client.compute import Compute, check_fit, load_base, peft_for_dp, resolve
 from client.data import SiteData
+from client.evaluation import EvalCache, cached, eval_key, full_requested, reported
 from client.outcome import RoundOutcome
 from client.policy import SitePolicy
-from client.records import SiteRecords, held_out, objective_for
+from client.records import SiteRecords, objective_for
 from client.tokens import Tokenized
 from client.train import DPPlan, TrainStep, train_dp
 from common.arrays import check_update, decode, encode, spec_of, to_record, to_state, update_sha256
@@ -82,36 +83,29 @@ class SiteAgent:
         self._fingerprint: str | None = None
         self._compute: Compute | None = None
         self.local_rank: int | None = None  # rank 0 of several on this machine (client.distributed)
-        self.loads: Counter[str] = Counter()  # what this process loaded, and how often (site worker stats)
+        self.loads: Counter[str] = Counter()  # what this process loaded or scored, how often (worker stats)
         self.records = SiteRecords(policy, self.loads, self.check_state_dir)
+        self.eval_cache = EvalCache(policy.state_dir / "eval-cache.json")  # scores of adapters seen
 
     # ---------------------------------------------------------------- setup (cached)
     def check_state_dir(self) -> None:
         """Fail before any budget is spent if the state dir cannot be written or its disk is full."""
-        d, src = self.policy.state_dir, str(self.policy.source)
+        d, problem = self.policy.state_dir, ""
         if d.exists() and not d.is_dir():
-            raise ConfigError(
-                src, [f"[site] state-dir '{d}' is a file, not a folder: point state-dir at a folder"]
-            )
+            problem = "is a file, not a folder: point state-dir at a folder"
         try:
-            d.mkdir(parents=True, exist_ok=True)
-            probe = d / ".write-probe"
-            probe.write_text("ok", encoding="utf-8")
-            probe.unlink()
+            if not problem:
+                d.mkdir(parents=True, exist_ok=True)
+                (probe := d / ".write-probe").write_text("ok", encoding="utf-8")
+                probe.unlink()
         except OSError as exc:
-            fix = "give the agent's user write access or point state-dir elsewhere"
-            raise ConfigError(
-                src, [f"[site] state-dir '{d}' is not writable ({exc.strerror}): {fix}"]
-            ) from None
-        free = shutil.disk_usage(d).free
-        if free < MIN_FREE_BYTES:
-            raise ConfigError(
-                src,
-                [
-                    f"[site] state-dir '{d}' has {free / 2**20:.1f} MiB free, less than the "
-                    f"{MIN_FREE_BYTES // 2**20} MiB the ledger and caches need: free space before training"
-                ],
-            )
+            problem = f"is not writable ({exc.strerror}): give the agent's user write access or point "
+            problem += "state-dir elsewhere"
+        if not problem and (free := shutil.disk_usage(d).free) < MIN_FREE_BYTES:
+            problem = f"has {free / 2**20:.1f} MiB free, less than the {MIN_FREE_BYTES // 2**20} MiB the "
+            problem += "ledger and caches need: free space before training"
+        if problem:
+            raise ConfigError(str(self.policy.source), [f"[site] state-dir '{d}' {problem}"])
 
     def setup(self) -> SiteData:
         """Once per process, then cheap: the state dir writable, the data prepared, the model identified.
@@ -170,28 +164,17 @@ class SiteAgent:
             self._tokenizer = load_tokenizer(self.policy.model_path)
         return self._model
 
-    def _tokens_for(self, kind: str, max_len: int) -> tuple[Tokenized, Tokenized]:
-        return self.records.tokens(kind, max_len, self._tokenizer)
-
     # ---------------------------------------------------------------- step 3: the request vs the site
     def _load_global(self, req: TrainRequest, arrays: ArrayRecord) -> Any:
         """The site's model holding the coordinator's global adapter, after checking both."""
         pol = self.policy
-        broken = []
-        if req.train.learning_rate > pol.training.max_learning_rate:
-            broken.append(
-                f"learning rate {req.train.learning_rate:g} is above the site's max-learning-rate "
-                f"{pol.training.max_learning_rate:g}"
-            )
-        if req.train.max_seq_len > pol.training.max_seq_len:
-            broken.append(
-                f"max-seq-len {req.train.max_seq_len} is above the site's max-seq-len "
-                f"{pol.training.max_seq_len}"
-            )
-        if req.lora.rank > pol.training.max_lora_rank:
-            broken.append(
-                f"LoRA rank {req.lora.rank} is above the site's max-lora-rank {pol.training.max_lora_rank}"
-            )
+        t, top = req.train, pol.training
+        checks = (
+            ("learning rate", t.learning_rate, "max-learning-rate", top.max_learning_rate),
+            ("max-seq-len", t.max_seq_len, "max-seq-len", top.max_seq_len),
+            ("LoRA rank", req.lora.rank, "max-lora-rank", top.max_lora_rank),
+        )
+        broken = [f"{w} {_num(v)} is above the site's {k} {_num(cap)}" for w, v, k, cap in checks if v > cap]
         if broken:
             raise PolicyViolationError("; ".join(broken) + ": the site refuses")
         if req.base_model_fingerprint != self.model_fingerprint():
@@ -232,10 +215,9 @@ class SiteAgent:
             self.records.check_kind(kind)
             data = self.data(kind)
             model = self._load_global(req, arrays)
-            train, held = self._tokens_for(kind, req.train.max_seq_len)
-            before = held_out(req.train, model, held)
-            eval_before = before["eval-loss"]
-            if not math.isfinite(eval_before):
+            train = self.records.tokens(kind, req.train.max_seq_len, self._tokenizer)[0]
+            before = self.held_out(req, model, arrays)
+            if not math.isfinite(before["eval-loss"]):
                 raise PolicyViolationError(
                     "the global adapter gives a non-finite held-out loss: the site refuses it"
                 )
@@ -303,7 +285,7 @@ class SiteAgent:
             record = faults.corrupt(fault, record, start)
         metrics: dict[str, float] = {
             "eval-loss-before": before["eval-loss"],
-            **{f"{k}-before": v for k, v in before.items() if k.startswith("reward-")},
+            **{f"{k}-before": v for k, v in reported(before, pol.evaluation).items() if k != "eval-loss"},
             "train-batches": float(stats.batches),
             "noise-multiplier": plan.noise_multiplier,
             "sample-rate": plan.sample_rate,
@@ -365,16 +347,31 @@ class SiteAgent:
     def evaluate(
         self, arrays: ArrayRecord, request: TrainRequest | Mapping[str, Any]
     ) -> tuple[dict[str, float], int]:
-        """Held-out metrics of the global adapter at this site (spends no budget) and the record count.
+        """Held-out metrics of the global adapter (no budget spent) and the held-out record count.
 
-        ``eval-loss`` always (the kind's loss); for dpo also ``reward-margin`` and ``reward-accuracy``.
-        """
+        ``eval-loss`` (dpo: also ``reward-margin``, ``reward-accuracy``); ``eval-full = true`` beside
+        the request's keys asks for every record (scored only if ``allow-full-on-request``)."""
         self.setup()
+        request, full = full_requested(request, self.policy.evaluation, self.policy.name)
         req = request if isinstance(request, TrainRequest) else TrainRequest.from_record(request)
         self.records.check_kind(req.train.train_kind)
         model = self._load_global(req, arrays)
-        _, held = self._tokens_for(req.train.train_kind, req.train.max_seq_len)
-        return held_out(req.train, model, held), held.records
+        metrics = self.held_out(req, model, arrays, full=full)
+        held = self.records.tokens(req.train.train_kind, req.train.max_seq_len, self._tokenizer)[1]
+        return reported(metrics, self.policy.evaluation), held.records
+
+    def held_out(
+        self, req: TrainRequest, model: Any, arrays: ArrayRecord, *, full: bool = False
+    ) -> dict[str, float]:
+        """Held-out metrics of ``model`` holding ``arrays``, once per adapter (``client.evaluation``)."""
+        limit = 0 if full else self.policy.evaluation.max_records
+        sample = self.records.held_sample(req.train.train_kind, req.train.max_seq_len, self._tokenizer, limit)
+        key = eval_key(update_sha256(arrays), sample, req, self.model_fingerprint(), self.compute())
+        return cached(self.eval_cache, key, lambda: self.records.score(req.train, model, sample))
+
+
+def _num(x: float) -> str:
+    return f"{x:g}" if isinstance(x, float) else str(x)
 
 
 def _signing_key(policy: SitePolicy) -> SigningKey | None:
