@@ -48,8 +48,9 @@ def no_cache(site_dir: Path) -> None:
 def _agent(site: Path, data: Path, model: Path, name: str, **evaluation: Any) -> SiteAgent:
     """A fresh agent (what a fresh ClientApp process builds) with the policy ``name``."""
     policy = site / f"{name}.toml"
-    policy.write_text(render_policy(name="s1", data_path=data, model_path=model, evaluation=evaluation),
-                      encoding="utf-8")  # fmt: skip
+    head = site / "ledger-head.json"  # one ledger (and head) whatever the policy's name
+    policy.write_text(render_policy(name="s1", data_path=data, model_path=model, ledger_head=head,
+                                    evaluation=evaluation), encoding="utf-8")  # fmt: skip
     return SiteAgent(load_policy(policy))
 
 
@@ -88,7 +89,12 @@ def test_each_adapter_is_scored_once_across_processes(
     assert again.evaluate(merged, _request(tiny_model, rnd=2))[0] == metrics and len(forwards) == 2
     assert again.loads["held-out"] == 0
     assert set(metrics) == {"eval-loss"}  # the sampling keys only when the policy reports them
-    assert not {"eval-records-before", "eval-loss-stderr-before"} & set(second.metrics)
+    sampling = {"eval-records-before", "eval-loss-stderr-before"}
+    assert not sampling & set(second.metrics)
+    told = _agent(site_dir, data, tiny_model, "told", **{"report-sampling": True})
+    third = told.train_round(merged, _request(tiny_model, rnd=3))
+    assert third.trained and len(forwards) == 2 and sampling <= set(third.metrics)
+    assert third.metrics["eval-records-before"] == n and third.metrics["eval-loss-stderr-before"] == 0.0
 
 
 def test_what_changes_the_result_changes_the_key(
