@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -109,8 +109,8 @@ def update_sha256(record: ArrayRecord) -> str:
     return digest.hexdigest()
 
 
-def check_update(record: ArrayRecord, template: Mapping[str, ArraySpec]) -> list[str]:
-    """Every reason ``record`` is not a well-formed update of ``template`` (empty = fine)."""
+def check_layout(record: ArrayRecord, template: Mapping[str, ArraySpec]) -> list[str]:
+    """Every reason ``record``'s keys, shapes and dtypes are not ``template``'s (empty = fine)."""
     problems: list[str] = []
     missing = sorted(set(template) - set(record))
     extra = sorted(set(record) - set(template))
@@ -122,15 +122,36 @@ def check_update(record: ArrayRecord, template: Mapping[str, ArraySpec]) -> list
         arr, want = record[key], template[key]
         if tuple(arr.shape) != want.shape:
             problems.append(f"'{key}' has shape {tuple(arr.shape)}, expected {want.shape}")
-            continue
-        if str(arr.dtype) != want.dtype:
+        elif str(arr.dtype) != want.dtype:
             problems.append(f"'{key}' has dtype {arr.dtype}, expected {want.dtype}")
-            continue
-        try:
-            values = decode(arr)
-        except ValueError as exc:
-            problems.append(f"'{key}' {exc}")
-            continue
-        if not np.isfinite(values).all():
-            problems.append(f"'{key}' holds NaN or infinite values")
     return problems
+
+
+def decoded_tensors(
+    record: ArrayRecord, template: Mapping[str, ArraySpec]
+) -> Iterator[tuple[str, np.ndarray]]:
+    """Each tensor of a ``check_layout``-clean ``record`` as float32, in template order, decoded once.
+
+    Raises ``ValueError`` naming the tensor whose bytes are malformed or whose values are not finite.
+    """
+    for key in template:
+        try:
+            values = decode(record[key])
+        except ValueError as exc:
+            raise ValueError(f"'{key}' {exc}") from None
+        if not np.isfinite(values).all():
+            raise ValueError(f"'{key}' holds NaN or infinite values")
+        yield key, values
+
+
+def check_update(record: ArrayRecord, template: Mapping[str, ArraySpec]) -> list[str]:
+    """Every reason ``record`` is not a well-formed update of ``template`` (empty = fine)."""
+    problems = check_layout(record, template)
+    if problems:
+        return problems
+    try:
+        for _ in decoded_tensors(record, template):
+            pass
+    except ValueError as exc:
+        return [str(exc)]
+    return []

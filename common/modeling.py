@@ -106,6 +106,48 @@ def load_base_model(path: str | Path, **options: Any) -> PreTrainedModel:
     return AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, **options)
 
 
+def meta_peft_model(path: str | Path, spec: LoraSpec) -> PeftModel:
+    """The model of folder ``path`` wrapped with LoRA, built from its config alone on the meta device.
+
+    No weight is read or allocated: what the coordinator needs (adapter keys and shapes, PEFT's
+    adapter config) without the base model's memory (28 GB for a 7B model in float32).
+    """
+    set_offline_env()
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    _quiet_transformers()
+    config = AutoConfig.from_pretrained(str(path), local_files_only=True)
+    with torch.device("meta"):
+        base = AutoModelForCausalLM.from_config(config)
+    base.name_or_path = str(path)  # what the adapter config names as its base (as from_pretrained sets)
+    return make_peft_model(base, spec)
+
+
+def base_bytes(model: PeftModel) -> int:
+    """Bytes of the base model's weights in the precision its config declares (float32 if none)."""
+    import torch
+
+    dtype = getattr(model.get_base_model().config, "dtype", None)
+    size = dtype.itemsize if isinstance(dtype, torch.dtype) else 4
+    return sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n) * size
+
+
+def fresh_adapter(model: PeftModel, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Round-0 adapter values of a ``meta_peft_model``: PEFT's LoRA init (B = 0), on the CPU, seeded."""
+    import torch
+    from peft.tuners.lora import LoraLayer
+
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        for module in model.modules():
+            if isinstance(module, LoraLayer):
+                for name in module.adapter_layer_names:
+                    getattr(module, name).to_empty(device="cpu")
+                module.reset_lora_parameters("default", init_lora_weights=True)
+    return adapter_state(model)
+
+
 def lora_config(spec: LoraSpec) -> Any:
     """The PEFT ``LoraConfig`` for ``spec``."""
     from peft import LoraConfig

@@ -14,7 +14,6 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-import torch
 from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp import Grid
 from flwr.supercore.privacy_accounting import GaussianPrivacyEvent
@@ -22,13 +21,7 @@ from flwr.supercore.privacy_accounting import GaussianPrivacyEvent
 from common.arrays import ArraySpec, payload_bytes, spec_of, to_record
 from common.config import RunConfig, TrainRequest
 from common.errors import ConfigError
-from common.modeling import (
-    adapter_state,
-    check_model_dir,
-    load_base_model,
-    make_peft_model,
-    model_fingerprint,
-)
+from common.modeling import base_bytes, check_model_dir, fresh_adapter, meta_peft_model, model_fingerprint
 from common.runfolder import RunFolder
 from privacy.receipts import receipt_line
 from server.checkpoint import (
@@ -52,13 +45,12 @@ RoundCallback = Callable[[dict[str, Any]], None]
 
 
 def initial_adapter(cfg: RunConfig) -> tuple[ArrayRecord, int]:
-    """The round-0 global adapter (LoRA B = 0, so it starts as the base model) and base size."""
-    base = load_base_model(check_model_dir(cfg.model_dir, "model-dir"))
-    base_bytes = sum(p.numel() * p.element_size() for p in base.parameters())
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        model = make_peft_model(base, cfg.lora)
-    return to_record(adapter_state(model)), base_bytes
+    """The round-0 global adapter (LoRA B = 0, so it starts as the base model) and the base's size.
+
+    Built from the model's config on the meta device: the coordinator never holds the base weights.
+    """
+    model = meta_peft_model(check_model_dir(cfg.model_dir, "model-dir"), cfg.lora)
+    return to_record(fresh_adapter(model, seed=0)), base_bytes(model)
 
 
 def _site_rows(train: list[SiteReply], evaluate: list[SiteReply]) -> dict[str, dict[str, Any]]:
@@ -88,7 +80,7 @@ def run_federation(
     out.mkdir(parents=True, exist_ok=True)
     run = RunFolder(out)
     fingerprint = model_fingerprint(check_model_dir(cfg.model_dir, "model-dir"))
-    initial, base_bytes = initial_adapter(cfg)
+    initial, base_size = initial_adapter(cfg)
     state = _start(cfg, dict(run_config), out, initial)
     registry = SiteRegistry(federation_file(cfg), state.names, load_site_keys(cfg.site_keys))
     update_keys = cfg.lora.update_keys(state.arrays)
@@ -188,7 +180,7 @@ def run_federation(
         "base_model": {
             "path": str(Path(cfg.model_dir).resolve()),
             "fingerprint": fingerprint,
-            "bytes": base_bytes,
+            "bytes": base_size,
         },
         "adapter_bytes": payload_bytes(state.arrays),
         **state.totals,

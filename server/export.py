@@ -10,15 +10,17 @@ from flwr.app import ArrayRecord
 
 from common.arrays import to_state
 from common.config import RunConfig
-from common.modeling import load_adapter_state, load_base_model, make_peft_model
+from common.modeling import fresh_adapter, load_adapter_state, meta_peft_model
 
 
 def write_adapter(cfg: RunConfig, arrays: ArrayRecord, out: Path) -> Path:
     """Save ``arrays`` as a PEFT adapter directory loadable by ``PeftModel.from_pretrained``.
 
-    Written to a temporary sibling and renamed, so ``out`` is never half-written.
+    Written to a temporary sibling and renamed, so ``out`` is never half-written. The base model's
+    weights are never loaded: the PEFT model is built on the meta device, its adapter on the CPU.
     """
-    model = make_peft_model(load_base_model(cfg.model_dir), cfg.lora)
+    model = meta_peft_model(cfg.model_dir, cfg.lora)
+    fresh_adapter(model)  # the adapter's tensors exist on the CPU; their values are replaced next
     load_adapter_state(model, to_state(arrays))
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -1,39 +1,37 @@
 """The coordinator's strategy: a triage wrapper (:class:`Guard`) around Flower's aggregation.
 
 As Flower's DP wrappers do, :class:`Guard` wraps any Message-API strategy. Outbound, each node's request
-names the last ledger entry the coordinator saw from that node's site. Inbound, every reply is parsed into
-a typed form (:mod:`server.replies`), checked -- identity (:mod:`server.registry`), exact adapter keys,
-shapes, dtypes, finite values, the signed receipt (hash, signature, round, the update's SHA-256),
-absolute and median-relative norm bounds -- and only then rebuilt as a clean message carrying the update
-and the weight the run's weighting rule gives it. The inner strategy never sees a site's own records, so
-no reply can make Flower's aggregation raise; a failure inside aggregation anyway is caught and reported
-(``failure``), and the coordinator stops with a checkpoint instead of crashing after budgets were spent.
+names the last ledger entry the coordinator saw from that node's site. Inbound, each reply is triaged as
+it arrives (:meth:`Guard.admit`): parsed into a typed form (:mod:`server.replies`), checked -- identity
+(:mod:`server.registry`), exact adapter keys, shapes, dtypes, the signed receipt (hash, signature, round,
+the update's SHA-256), then in one decoding pass finite values and the norm against the round's global
+adapter (decoded once per round) -- and its update stored on disk (:mod:`server.fold`), the reply dropped.
+Once the round's replies are in, :meth:`Guard.finish_train` applies the median-relative norm bound and
+the weight cap and aggregates: plain FedAvg folded from the store one update at a time (memory does not
+grow with the number of sites), robust aggregators and site-level DP given clean in-memory messages
+carrying only the update and its weight. No reply can make Flower's aggregation raise; a failure inside
+aggregation anyway is caught and reported (``failure``), and the coordinator stops with a checkpoint
+instead of crashing after budgets were spent.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
-from flwr.serverapp import Grid, PrivacyConfig, RdpAccountant
-from flwr.serverapp.strategy import (
-    DifferentialPrivacyServerSideFixedClipping,
-    FedAvg,
-    FedMedian,
-    FedTrimmedAvg,
-    Krum,
-    Strategy,
-)
-from flwr.supercore.privacy_accounting import NeighboringRelation, SamplingMethod
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg, Strategy
 
-from common.arrays import ArraySpec, check_update, to_float32, update_sha256
-from common.errors import ConfigError
+from common.arrays import ArraySpec, check_layout, decoded_tensors, update_sha256
 from privacy.keys import public_key_from_pem, verifier_for
 from privacy.ledger_entries import canonical_bytes, entry_hash
+from server.aggregators import AGGREGATIONS, WEIGHT, SiteLevelDP, build_strategy
+from server.fold import UpdateStore, capped_weights, fedavg
 from server.registry import SiteRegistry
 from server.replies import SiteReply, TrainReply, parse_evaluate, parse_train
 
@@ -44,12 +42,9 @@ __all__ = [
     "UpdateRules",
     "build_strategy",
     "capped_weights",
-    "update_norm",
 ]
 
 log = logging.getLogger(__name__)
-AGGREGATIONS = ("fedavg", "median", "trimmed-mean", "krum")
-WEIGHT = "weight"  # the only metric the inner strategy sees
 
 
 @dataclass(frozen=True)
@@ -66,37 +61,6 @@ class UpdateRules:
     train_kind: str = "sft"  # what the run asked every site to train
 
 
-def capped_weights(weights: list[float], cap: float) -> list[float]:
-    """``weights`` rescaled so that none is above ``cap`` of the total (water-filling; sums kept)."""
-    total = sum(weights)
-    if total <= 0 or cap >= 1 or not weights:
-        return list(weights)
-    if cap * len(weights) <= 1:  # no feasible cap above the equal share: equal weights
-        return [total / len(weights)] * len(weights)
-    w = list(weights)
-    for _ in range(len(w)):
-        capped = [i for i, x in enumerate(w) if x >= cap * total - 1e-12]
-        free = [i for i in range(len(w)) if i not in capped]
-        free_sum = sum(w[i] for i in free)
-        if free_sum <= 0:
-            break
-        # capped sites get exactly cap * total; the rest keep their proportions of what is left
-        scale = (1 - cap * len(capped)) * total / free_sum
-        new = [cap * total if i in capped else w[i] * scale for i in range(len(w))]
-        if all(x <= cap * total + 1e-9 for x in new):
-            return new
-        w = new
-    return w
-
-
-def update_norm(arrays: ArrayRecord, reference: dict[str, np.ndarray]) -> float:
-    """L2 norm of ``arrays - reference`` over the keys of ``arrays``."""
-    total = 0.0
-    for key, arr in arrays.items():
-        total += float(np.square(arr.numpy().astype(np.float64) - reference[key]).sum())
-    return float(np.sqrt(total))
-
-
 class Guard(Strategy):
     """Triage in front of ``inner``; ``rows`` holds every site's answer of the last phase."""
 
@@ -110,6 +74,8 @@ class Guard(Strategy):
         self.rows: list[SiteReply] = []
         self.failure = ""
         self._global: dict[str, np.ndarray] = {}
+        self._store: UpdateStore | None = None
+        self._parsed: list[TrainReply] = []
         self._round = 0
         self._connected: set[int] = set()
 
@@ -123,9 +89,7 @@ class Guard(Strategy):
     ) -> Iterable[Message]:
         """The inner strategy's messages, each naming the last ledger entry seen from its node's site."""
         self._round, self._connected = server_round, set(grid.get_node_ids())
-        self._global = {
-            k: a.numpy().astype(np.float64) for k, a in arrays.items()
-        }  # deserialized once per round
+        self._global = {k: a.numpy() for k, a in arrays.items()}  # deserialized once per round (float32)
         return [
             self._personal(m, arrays) for m in self.inner.configure_train(server_round, arrays, config, grid)
         ]
@@ -146,27 +110,61 @@ class Guard(Strategy):
         return self.inner.configure_evaluate(server_round, arrays, config, grid)
 
     # ------------------------------------------------------------------ inbound
+    @property
+    def streams(self) -> bool:
+        """Whether accepted updates are folded one at a time (plain FedAvg) rather than all at once."""
+        return type(self.inner) is FedAvg
+
+    def begin_train(self, spill: Path | None = None) -> None:
+        """Start collecting a round's replies; accepted updates are kept under ``spill`` (a disk folder)."""
+        self.close_train()
+        self._store, self._parsed, self.failure = UpdateStore(spill), [], ""
+
+    def admit(self, p: TrainReply) -> None:
+        """Triage one parsed reply as it arrives: its update is decoded once, checked, stored, dropped."""
+        if self._store is None:
+            self.begin_train()
+        row = p.row
+        if row.site.startswith("node-"):
+            row.site = self.registry.name_of(row.node_id) or row.site
+        if row.status in ("trained", "refused"):
+            problem = self._check(p)
+            if problem:
+                row.reject(problem)
+            else:
+                self.registry.record(row)
+        p.arrays = None  # the values live in the store now (or the update did not count)
+        self._parsed.append(p)
+
+    def finish_train(self, server_round: int) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Aggregate what :meth:`admit` accepted this round, in a fixed order, and forget the round."""
+        try:
+            return self._aggregate(server_round)
+        finally:
+            self.close_train()
+
+    def close_train(self) -> None:
+        """Delete the round's stored updates."""
+        if self._store is not None:
+            self._store.close()
+            self._store = None
+
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Triage every reply, then aggregate the accepted updates with the inner strategy."""
+        """Triage every reply, then aggregate the accepted updates (Flower's Strategy interface)."""
+        self.begin_train()
         parsed = [parse_train(m) for m in replies]
+        parsed.sort(key=lambda p: (self.registry.name_of(p.row.node_id) or p.row.site, p.row.node_id))
         for p in parsed:
-            if p.row.site.startswith("node-"):
-                p.row.site = self.registry.name_of(p.row.node_id) or p.row.site
-        parsed.sort(key=lambda p: (p.row.site, p.row.node_id))  # a fixed summation order
-        accepted: list[TrainReply] = []
-        for p in parsed:
-            row = p.row
-            if row.status in ("trained", "refused"):
-                problem = self._check(p)
-                if problem:
-                    row.reject(problem)
-                else:
-                    self.registry.record(row)
-                    if row.status == "trained":
-                        accepted.append(p)
-        accepted = self._outliers(accepted)
+            self.admit(p)
+        return self.finish_train(server_round)
+
+    def _aggregate(self, server_round: int) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        store = self._store
+        assert store is not None
+        parsed = sorted(self._parsed, key=lambda p: (p.row.site, p.row.node_id))  # a fixed summation order
+        accepted = self._outliers([p for p in parsed if p.row.status == "trained" and _name(p) in store])
         self.rows = [p.row for p in parsed]
         for row in self.rows:
             if row.status != "trained":
@@ -176,14 +174,20 @@ class Guard(Strategy):
         weights = [1.0 if self.equal_weights else self._weight(p.row) for p in accepted]
         if not self.equal_weights:
             weights = capped_weights(weights, self.rules.max_weight_share)
-        clean = [
+        names = [_name(p) for p in accepted]
+        if self.streams:
+            return self._safely(
+                "aggregate_train",
+                lambda: (fedavg(store, names, weights, self.rules.template), None),
+                (None, None),
+            )
+        clean = [  # robust aggregators and site-level DP need every update at once
             Message(
-                RecordDict({"arrays": p.arrays, "metrics": MetricRecord({WEIGHT: w})}),
+                RecordDict({"arrays": arrays, "metrics": MetricRecord({WEIGHT: w})}),
                 dst_node_id=p.row.node_id,
                 message_type="train",
             )
-            for p, w in zip(accepted, weights, strict=True)
-            if p.arrays is not None
+            for p, w, arrays in zip(accepted, weights, store.records(names), strict=True)
         ]
         return self._safely(
             "aggregate_train", lambda: self.inner.aggregate_train(server_round, clean), (None, None)
@@ -267,7 +271,7 @@ class Guard(Strategy):
             return problem
         if row.train_kind != rules.train_kind:
             return f"the site trained {row.train_kind} but the run asked for {rules.train_kind}"
-        problems = check_update(p.arrays, rules.template)
+        problems = check_layout(p.arrays, rules.template)
         n = row.metrics["num-examples"]
         if not 0 < n <= rules.max_num_examples:
             problems.append(f"num-examples {n:g} is not a count in (0, {rules.max_num_examples}]")
@@ -275,13 +279,26 @@ class Guard(Strategy):
             return "; ".join(problems)
         if row.receipt.get("update_sha256") != update_sha256(p.arrays):
             return "the update does not match the ledger receipt sent with it"
-        p.arrays = to_float32(p.arrays)  # norms and aggregation in float32, whatever the wire precision
-        if rules.max_update_norm > 0 and self._global:
-            norm = update_norm(p.arrays, self._global)
-            row.metrics["update-norm"] = norm
-            if norm > rules.max_update_norm:
-                return f"update norm {norm:.4g} exceeds the bound max-update-norm={rules.max_update_norm:g}"
+        assert self._store is not None
+        try:  # decoded once (float32, whatever the wire precision): finite check, norm, store
+            self._store.put(_name(p), self._scan(p.arrays, row))
+        except ValueError as exc:
+            return str(exc)
         return ""
+
+    def _scan(self, arrays: ArrayRecord, row: SiteReply) -> Iterator[tuple[str, np.ndarray]]:
+        """The update's decoded tensors; its norm against the round's global adapter goes in the row."""
+        total = 0.0
+        for key, values in decoded_tensors(arrays, self.rules.template):
+            if self._global:
+                diff = (values - self._global[key]).ravel()
+                total += float(np.dot(diff, diff))  # BLAS, float32 partial sums: ~1e-6 relative
+            yield key, values
+        if self._global:
+            norm = row.metrics["update-norm"] = float(np.sqrt(total))
+            bound = self.rules.max_update_norm
+            if bound > 0 and norm > bound:
+                raise ValueError(f"update norm {norm:.4g} exceeds the bound max-update-norm={bound:g}")
 
     def _receipt(self, row: SiteReply) -> str:
         """The receipt must be an intact, signed (when the site has a key) entry answering this request."""
@@ -309,11 +326,7 @@ class Guard(Strategy):
         """Reject updates whose norm is over ``update_norm_ratio`` x the round's median (3+ updates)."""
         if self.rules.update_norm_ratio <= 0 or not self._global or len(accepted) < 3:
             return accepted
-        norms = []
-        for p in accepted:
-            if "update-norm" not in p.row.metrics and p.arrays is not None:
-                p.row.metrics["update-norm"] = update_norm(p.arrays, self._global)
-            norms.append(p.row.metrics["update-norm"])
+        norms = [p.row.metrics["update-norm"] for p in accepted]
         bound = self.rules.update_norm_ratio * float(np.median(norms))
         kept = []
         for p, norm in zip(accepted, norms, strict=True):
@@ -328,69 +341,6 @@ class Guard(Strategy):
         return kept
 
 
-@dataclass(frozen=True)
-class SiteLevelDP:
-    """Site-level DP at the coordinator: each site's update clipped, Gaussian noise on the sum."""
-
-    noise_multiplier: float
-    clipping_norm: float
-    delta: float
-
-
-def build_strategy(
-    *,
-    min_sites: int,
-    fraction_train: float,
-    sites_expected: int,
-    site_dp: SiteLevelDP | None,
-    aggregation: str = "fedavg",
-    trim_beta: float = 0.2,
-) -> tuple[Strategy, DifferentialPrivacyServerSideFixedClipping | None]:
-    """Flower's FedAvg (or its robust median / trimmed-mean / Krum), optionally with site-level DP.
-
-    The inner strategy aggregates by the ``weight`` the :class:`Guard` gives each update (equal weights
-    under site-level DP: with num-examples weights one site's influence would depend on its size).
-    Flower's DP accountant requires FedAvg's own aggregation, so site-level DP combines with ``fedavg`` only.
-    """
-    common: dict[str, Any] = {
-        "fraction_train": fraction_train,
-        "fraction_evaluate": 1.0,
-        "min_train_nodes": min_sites,
-        "min_evaluate_nodes": min_sites,
-        "min_available_nodes": min_sites,
-        "weighted_by_key": WEIGHT,
-    }
-    robust: dict[str, Callable[[], FedAvg]] = {
-        "median": lambda: FedMedian(**common),
-        "trimmed-mean": lambda: FedTrimmedAvg(beta=trim_beta, **common),
-        "krum": lambda: Krum(num_malicious_nodes=max(0, (sites_expected - 3) // 2), **common),
-    }
-    if aggregation not in AGGREGATIONS:
-        raise ConfigError("run config", [f"'aggregation' must be one of {', '.join(AGGREGATIONS)}"])
-    if aggregation != "fedavg":
-        if site_dp is not None:
-            raise ConfigError(
-                "run config",
-                [
-                    "site-level DP ('site-dp-noise' > 0) needs 'aggregation' = 'fedavg': Flower's DP "
-                    "accountant covers FedAvg's own aggregation only"
-                ],
-            )
-        return robust[aggregation](), None
-    fedavg = FedAvg(**common)
-    if site_dp is None:
-        return fedavg, None
-    config = PrivacyConfig(
-        target_delta=site_dp.delta,
-        population_size=sites_expected,
-        neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
-        sampling_method=SamplingMethod.NO_AMPLIFICATION,
-    )
-    wrapper = DifferentialPrivacyServerSideFixedClipping(
-        fedavg,
-        noise_multiplier=site_dp.noise_multiplier,
-        clipping_norm=site_dp.clipping_norm,
-        num_sampled_clients=sites_expected,
-        accountant=RdpAccountant(config),
-    )
-    return wrapper, wrapper
+def _name(p: TrainReply) -> str:
+    """The key of a reply's update in the round's store (one reply per node per round)."""
+    return f"{p.row.node_id}-{id(p)}"

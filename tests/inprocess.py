@@ -49,6 +49,7 @@ class InProcessGrid(Grid):
         TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 0  # as the ServerApp's
         self.nodes = {1000 + i: i for i in range(n)}
         self.down = set(down)  # node ids that never answer (timed out)
+        self.queued: dict[str, Message] = {}  # pushed, not yet pulled
         self.contexts = {
             node: Context(
                 run_id=1, node_id=node, node_config={"partition-id": pid}, state=RecordDict(), run_config={}
@@ -73,25 +74,33 @@ class InProcessGrid(Grid):
         return list(self.nodes)
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        """Unused."""
-        raise NotImplementedError
+        """Queue each message; its node answers when the reply is pulled."""
+        ids = []
+        for msg in messages:
+            self.queued[mid := f"m{len(self.queued)}"] = msg
+            ids.append(mid)
+        return ids
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        """Unused."""
-        raise NotImplementedError
+        """The replies to the queued messages ``message_ids`` (a node that is down never answers)."""
+        replies = []
+        for mid in message_ids:
+            msg = self.queued.get(mid)
+            if msg is not None and msg.metadata.dst_node_id not in self.down:
+                del self.queued[mid]
+                replies.append(self._deliver(msg))
+        return replies
 
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
     ) -> Iterable[Message]:
         """Deliver each message to its node's handler and collect the replies."""
-        replies = []
-        for msg in messages:
-            node = msg.metadata.dst_node_id
-            if node in self.down:
-                continue
-            handler = handle_train if msg.metadata.message_type.startswith("train") else handle_evaluate
-            try:
-                replies.append(handler(msg, self.contexts[node], self.run_config))
-            except Exception as exc:  # the ClientApp runtime turns a crash into an error reply
-                replies.append(Message(Error(code=3, reason=f"{type(exc).__name__}: {exc}"), reply_to=msg))
-        return replies
+        return [self._deliver(m) for m in messages if m.metadata.dst_node_id not in self.down]
+
+    def _deliver(self, msg: Message) -> Message:
+        """The node's answer to ``msg``; a crash becomes an error reply, as in Flower's ClientApp runtime."""
+        handler = handle_train if msg.metadata.message_type.startswith("train") else handle_evaluate
+        try:
+            return handler(msg, self.contexts[msg.metadata.dst_node_id], self.run_config)
+        except Exception as exc:
+            return Message(Error(code=3, reason=f"{type(exc).__name__}: {exc}"), reply_to=msg)

@@ -8,7 +8,7 @@ of issue #11 ("What is wrong today"); the site-side cases are in tests/client/te
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -29,18 +29,13 @@ class TamperingGrid(InProcessGrid):
         super().__init__(n, run_config)
         self.tamper = tamper
 
-    def send_and_receive(
-        self, messages: Iterable[Message], *, timeout: float | None = None
-    ) -> Iterable[Message]:
-        sent = list(messages)
-        replies = list(super().send_and_receive(sent, timeout=timeout))
-        for reply in replies:
-            if reply.has_content():
-                config = next(iter(sent)).content.config_records["config"]
-                rnd = config["server-round"]
-                assert isinstance(rnd, int)
-                self.tamper(self.nodes[reply.metadata.src_node_id], rnd, reply)
-        return replies
+    def _deliver(self, msg: Message) -> Message:
+        reply = super()._deliver(msg)
+        if reply.has_content():
+            rnd = msg.content.config_records["config"]["server-round"]
+            assert isinstance(rnd, int)
+            self.tamper(self.nodes[reply.metadata.src_node_id], rnd, reply)
+        return reply
 
 
 def _train(reply: Message) -> bool:

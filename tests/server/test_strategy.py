@@ -11,6 +11,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
+import server.strategy as strategy_module
 from common.arrays import encode, to_record
 from common.errors import ConfigError
 from privacy.keys import generate_keypair, load_signing_key
@@ -46,10 +47,7 @@ def test_only_valid_updates_are_averaged() -> None:
         np.testing.assert_allclose(a.numpy(), 3.25)
     status = rows(g)
     assert status["s1"][0] == status["s2"][0] == "trained"
-    assert status["s3"] == (
-        "rejected",
-        "'a.lora_A.weight' holds NaN or infinite values; 'a.lora_B.weight' holds NaN or infinite values",
-    )
+    assert status["s3"] == ("rejected", "'a.lora_A.weight' holds NaN or infinite values")  # the first found
     assert "shape (3, 4)" in status["s4"][1]
     assert "unexpected keys ['model.embed_tokens.weight']" in status["s5"][1]
     assert status["s6"] == ("refused", "privacy budget exhausted")
@@ -270,12 +268,18 @@ def test_a_site_whose_ledger_went_backwards_is_flagged(tmp_path: Path) -> None:
     assert "epsilon 2.0000 is below the 6.0000" in rows(g)["s1"][1]
 
 
-def test_a_crash_inside_aggregation_is_reported_not_raised() -> None:
-    g = guard()
+@pytest.mark.parametrize("aggregation", ["fedavg", "median"])
+def test_a_crash_inside_aggregation_is_reported_not_raised(
+    aggregation: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    g = guard(aggregation=aggregation)
 
     def boom(*_: object) -> None:
-        raise RuntimeError("inner strategy bug")
+        raise RuntimeError("aggregation bug")
 
-    g.inner.aggregate_train = boom  # type: ignore[method-assign,assignment]
+    if g.streams:  # plain FedAvg is folded from the round's store, not by the inner strategy
+        monkeypatch.setattr(strategy_module, "fedavg", boom)
+    else:
+        g.inner.aggregate_train = boom  # type: ignore[method-assign,assignment]
     assert g.aggregate_train(1, [trained(1, 0.1)]) == (None, None)
-    assert "inner strategy bug" in g.failure
+    assert "aggregation bug" in g.failure
