@@ -17,8 +17,7 @@ from common.errors import FedtuneError
 from common.runfolder import RunFolder
 from fedtune.audit_cli import audit_app, site_app
 from fedtune.deploy_cli import deploy_app
-from fedtune.prepare_cli import prepare
-from fedtune.scrub_cli import scrub
+from fedtune.scrub_cli import prepare, scrub
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
 model_app = typer.Typer(no_args_is_help=True, help="Base models.")

@@ -1,8 +1,13 @@
-"""``fedtune scrub INPUT --out OUTPUT``: scrub PII from a JSONL, CSV or Parquet file.
+"""``fedtune scrub INPUT --out OUTPUT`` and ``fedtune site prepare --policy PATH [--workers N]``.
 
-Registered by :mod:`fedtune.cli` with ``app.command("scrub")(scrub)``.  The output has
-the same records in the same order; the named string fields are scrubbed, every other
-field is copied untouched.  Output and report are written atomically (temp + rename).
+``scrub`` (registered by :mod:`fedtune.cli` with ``app.command("scrub")(scrub)``) scrubs PII from a
+JSONL, CSV or Parquet file: the same records in the same order, the named string fields scrubbed,
+every other field copied untouched; output and report are written atomically (temp + rename).
+
+``prepare`` (a ``site`` subcommand) runs :func:`client.prepare.prepare_site` -- the site's data,
+validated, scrubbed, split and fingerprinted once, ready for rounds -- with a progress bar (notes/s)
+and one summary line per training kind; a rerun after a kill or after records were added scrubs only
+what is not prepared yet.
 """
 
 from __future__ import annotations
@@ -10,17 +15,32 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    Task,
+    TaskID,
+    TextColumn,
+    TimeRemainingColumn,
+)
+from rich.text import Text
 
-from common.errors import DataError
+from common.errors import DataError, FedtuneError
 from common.fsutil import atomic_write_bytes
 from privacy.pii import ScrubConfig, ScrubReport, get_scrubber
 
 DEFAULT_FIELDS = ("instruction", "response")
+console = Console()
 
 
 def _line_numbers(path: Path, count: int) -> list[int]:
@@ -185,3 +205,59 @@ def scrub(
     result = scrub_file(input_path, out, fields, config, report_path=report, workers=workers)
     counts = ", ".join(f"{k}={v}" for k, v in sorted(result.counts.items())) or "nothing found"
     typer.echo(f"scrubbed {result.records} records ({result.records_touched} touched) -> {out}: {counts}")
+
+
+class _Rate(ProgressColumn):
+    """Notes scrubbed per second."""
+
+    def render(self, task: Task) -> Text:
+        return Text(f"{task.speed:.1f} notes/s" if task.speed else "- notes/s", style="progress.data.speed")
+
+
+def prepare(
+    policy: Annotated[Path, typer.Option(help="The site policy (records, PII settings, state dir).")],
+    workers: Annotated[
+        int, typer.Option(min=1, help="Scrubbing processes (default: this machine's CPUs).")
+    ] = os.cpu_count() or 1,
+    kind: Annotated[
+        list[str] | None, typer.Option(help="Only this kind (repeatable); default: every kind with records.")
+    ] = None,
+) -> None:
+    """Validate, scrub, split and fingerprint the site's records once, before any round.
+
+    Run it before `fedtune site serve` and again whenever the data or the [pii] settings change
+    (then restart the site worker); rounds read only what it prepared.
+    """
+    from client.policy import load_policy
+    from client.prepare import KINDS, prepare_site
+
+    if unknown := sorted(set(kind or ()) - set(KINDS)):
+        raise typer.BadParameter(f"{unknown[0]!r} is not one of {', '.join(KINDS)}", param_hint="--kind")
+    try:
+        pol = load_policy(policy)
+        console.print(f"preparing site [bold]{escape(pol.name)}[/bold] with {workers} worker(s) ...")
+        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), _Rate())
+        with Progress(*columns, TimeRemainingColumn(), console=console, transient=False) as bar:
+            tasks: dict[str, TaskID] = {}
+
+            def progress(k: str, done: int, total: int) -> None:
+                if k not in tasks:
+                    tasks[k] = bar.add_task(f"scrubbing {k}", total=total)
+                bar.update(tasks[k], completed=done)
+
+            results = prepare_site(pol, workers=workers, kinds=kind, progress=progress)
+    except FedtuneError as exc:
+        Console(stderr=True).print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+    for r in results:
+        console.print(escape(r.summary()), highlight=False, soft_wrap=True)
+    records, new = sum(r.records for r in results), sum(r.new for r in results)
+    seconds = sum(r.seconds for r in results)
+    console.print(
+        f"prepared {records} records ({new} new, {records - new} reused) in {seconds:.1f} s, "
+        f"{records / max(seconds, 1e-9):.1f} notes/s; scrub report(s) in {escape(str(pol.state_dir))}",
+        highlight=False,
+        soft_wrap=True,
+    )
+    if any(r.changed for r in results):
+        console.print("restart a running site worker (fedtune site serve) so that its rounds use it")
