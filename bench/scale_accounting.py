@@ -20,19 +20,22 @@ N-th call of a ledger that grew one mechanism at a time in this process (a site 
 run), with ``domain`` saying whether the quantised domain was kept or had to be rebuilt at that call;
 *new, cold* is the first call in a fresh process (empty caches). Calibration (``calibrate_noise``,
 target 8.0, sample rate 0.01, 300 steps, 3 rounds) after E earlier mechanisms: *old* from scratch;
-*new* with the ledger's own epsilon already computed (the site computed it when it wrote the last
-reservation), and cold. Epsilons of both methods and their differences are printed (for
+*new, worker*: as in a site worker, the previous run was calibrated (after E - 1 mechanisms) and the
+ledger's epsilon after E computed (when the last reservation was written) before the timed call;
+``domain`` says whether that calibration's domain was the previous one's; *new, cold*: empty
+caches. Epsilons of both methods and their differences are printed (for
 calibration: of the history plus the planned rounds at each method's noise).
 
 Goal (``docs/performance.md``, "Accounting at scale"): epsilon of 20 distinct mechanisms < 1 s and
 calibration after 10 < 5 s on the 2-core VM; epsilons within the stated PRV bound of Opacus's. The
-last line is ``eps20_s=<x> calib10_s=<y> max_abs_eps_diff=<z>`` (growing ledger; warm calibration;
+last line is ``eps20_s=<x> calib10_s=<y> max_abs_eps_diff=<z>`` (growing ledger; worker calibration;
 over all epsilon rows).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import time
 import warnings
@@ -103,16 +106,18 @@ def _domain(history: Sequence[MechanismStep]) -> tuple[float, int]:
 def bench_epsilon(sizes: list[int], mechanisms: list[MechanismStep]) -> tuple[list[float], float]:
     """Print the epsilon table; return the new - old differences and the growing time at max(sizes)."""
     print("epsilon of a ledger of N distinct mechanisms (delta 1e-5)")
-    print(
-        "| N | old s | new s (growing) | domain | new s (cold) | speed-up | old eps | new eps | new - old |"
-    )
-    print("|---:|---:|---:|---|---:|---:|---:|---:|---:|")
     cold()
     grown: dict[int, tuple[float, float, str]] = {}
     for k in range(1, max(sizes) + 1):
         kept = k > 1 and _domain(mechanisms[:k]) == _domain(mechanisms[: k - 1])
         value, seconds = timed(lambda k=k: epsilon(mechanisms[:k], delta=DELTA))  # type: ignore[misc]
         grown[k] = (value, seconds, "kept" if kept else "rebuilt")
+    rebuilt = [f"{k} ({grown[k][1]:.2f} s)" for k in range(2, max(sizes) + 1) if grown[k][2] == "rebuilt"]
+    print(f"growing 1..{max(sizes)}: domain rebuilt at N = {', '.join(rebuilt) or 'never'}")
+    print(
+        "| N | old s | new s (growing) | domain | new s (cold) | speed-up | old eps | new eps | new - old |"
+    )
+    print("|---:|---:|---:|---|---:|---:|---:|---:|---:|")
     diffs = []
     for n in sizes:
         with old_accounting():
@@ -136,10 +141,10 @@ def bench_calibration(earlier: list[int], mechanisms: list[MechanismStep]) -> di
         f"(target {TARGET}, q {SAMPLE_RATE}, {STEPS} steps x {ROUNDS} rounds)"
     )
     print(
-        "| E | old s | new s (ledger warm) | new s (cold) | speed-up "
+        "| E | old s | new s (worker) | domain | new s (cold) | speed-up "
         "| old sigma | new sigma | eps at old | eps at new |"
     )
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|")
     out = {}
     for e in earlier:
         history = mechanisms[:e]
@@ -159,13 +164,19 @@ def bench_calibration(earlier: list[int], mechanisms: list[MechanismStep]) -> di
         cold()
         _, cold_s = timed(run)
         cold()
-        epsilon(history, delta=DELTA)  # the ledger's own state, composed when its last entry was written
+        previous = None
+        if e:  # a site worker: it calibrated the previous run, then wrote that run's reservations
+            sigma = run(mechanisms[: e - 1])
+            previous = _domain([*mechanisms[: e - 1], *[MechanismStep(sigma, SAMPLE_RATE, STEPS)] * ROUNDS])
+            epsilon(history, delta=DELTA)
         new, new_s = timed(run)
+        planned = [*history, *[MechanismStep(new, SAMPLE_RATE, STEPS)] * ROUNDS]
+        domain = "-" if previous is None else "kept" if previous == _domain(planned) else "rebuilt"
         eps_old = epsilon([*history, *[MechanismStep(old, SAMPLE_RATE, STEPS)] * ROUNDS], delta=DELTA)
         eps_new = epsilon([*history, *[MechanismStep(new, SAMPLE_RATE, STEPS)] * ROUNDS], delta=DELTA)
         out[e] = new_s
         print(
-            f"| {e} | {old_s:.2f} | {new_s:.2f} | {cold_s:.2f} | {old_s / new_s:.1f}x "
+            f"| {e} | {old_s:.2f} | {new_s:.2f} | {domain} | {cold_s:.2f} | {old_s / new_s:.1f}x "
             f"| {old:.4f} | {new:.4f} | {eps_old:.4f} | {eps_new:.4f} |",
             flush=True,
         )
@@ -181,6 +192,7 @@ def main() -> None:
     sizes = [int(x) for x in args.sizes.split(",")]
     earlier = [int(x) for x in args.earlier.split(",")]
     mechanisms = ledger(max([*sizes, *earlier]), args.seed)
+    print("load average: " + " ".join(f"{x:.2f}" for x in os.getloadavg()))
     diffs, eps_last = bench_epsilon(sizes, mechanisms)
     calib = bench_calibration(earlier, mechanisms)
     print(

@@ -9,9 +9,9 @@ PRV settings
 ------------
 ``get_epsilon``'s upper value is used with ``eps_error=PRV_EPS_ERROR`` (0.01) and Opacus's default
 ``delta_error = delta / 1000``, on the quantised domain of :mod:`privacy.accounting_prv` (total
-steps rounded up to a power of two, width up to ``1.5 * 2**k``): a finer, wider mesh than Opacus's
-own choice, so Opacus's error guarantee still holds and the bound stays valid. It differs from a
-stock ``PRVAccountant`` by at most ``2 * eps_error`` in theory, below 1e-5 measured.
+steps rounded up to a power of two, width up to ``1.5 * 2**k``): a finer mesh and a wider domain than
+Opacus's own choice, so Opacus's error guarantee still holds and the bound stays valid. It differs
+from a stock ``PRVAccountant`` by about ``2 * eps_error`` at most in theory, below 1e-5 measured.
 
 Accounting at scale
 -------------------

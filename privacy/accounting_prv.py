@@ -9,14 +9,20 @@ Domain (``PRV_DOMAIN``, recorded in every reservation)
 ------------------------------------------------------
 Opacus's ``PRVAccountant._get_domain`` sizes the mesh from the total step count ``K``
 (``eps_error / sqrt(K log(12 / delta_error) / 2)``) and the half-width ``L`` from
-``compute_safe_domain_size``; both move with every round, so nothing could be reused. Here ``K`` is
-rounded up to a power of two and ``L`` up to ``1.5 * 2**k`` (3, 6, 12, 24, 48, ...). The mesh is at
-most ``sqrt 2`` times finer and the domain at most twice as wide as Opacus's: both only tighten the
-preconditions of Gopi et al.'s error bound, so ``compute_epsilon``'s upper value (estimate at
-``delta - delta_error`` plus ``eps_error``) stays a valid upper bound. Opacus's value and this one
-are both in ``[eps_lower, eps_upper]`` of the same guarantee, so they differ by at most
-``2 * eps_error``; measured: below 1e-5 (``bench/scale_accounting.py``). :class:`FixedDomainPRVAccountant`
-is a plain Opacus ``PRVAccountant`` on this domain (for auditors: from scratch, no cache).
+``compute_safe_domain_size``; both move with every round, so nothing could be reused. Here the
+mesh uses ``K`` rounded up to a power of two (at most ``sqrt 2`` finer), ``L`` is rounded up to
+6, 12, 24, 48, ... (``1.5 * 2**k``: at most twice as wide; epsilon ~8 at delta 1e-5 lies in the
+middle of the 24 bucket), and the size is widened to a fast FFT length, keeping Opacus's layout
+(``t = 0`` at index ``size / 2 - 1``). A ledger's histories and the calibrations towards its
+budget thus fall into a few domains, each with its own incremental prefixes.
+
+Exactness: a finer mesh and a wider domain only tighten the preconditions of Gopi et al.'s error
+bound that Opacus implements, so ``compute_epsilon``'s upper value (estimate at ``delta -
+delta_error`` plus ``eps_error``) stays a valid upper bound. A stock ``PRVAccountant``'s value and
+this one bracket the same true epsilon within the guarantee's width, so they differ by at most
+about ``2 * eps_error`` (0.02); measured: below 1e-5 (``bench/scale_accounting.py``).
+:class:`FixedDomainPRVAccountant` is a stock Opacus ``PRVAccountant`` on this domain: what an
+auditor runs, from scratch, without these caches.
 
 Caches (per process; a site worker keeps them across rounds)
 ------------------------------------------------------------
@@ -27,7 +33,10 @@ Caches (per process; a site worker keeps them across rounds)
 * the composed PRV of history prefixes per domain (:func:`prv_epsilon` folds mechanisms left to
   right with ``_compose_two`` and resumes from the longest cached prefix). Folding instead of
   Opacus's pairwise tree only reorders exact convolutions: the result equals
-  :class:`FixedDomainPRVAccountant`'s to floating-point rounding (~1e-12 relative).
+  :class:`FixedDomainPRVAccountant`'s to floating-point rounding (measured ~1e-10).
+
+The prefix cache is bounded (``_STATE_BYTES``, oldest first); it is rebuilt from scratch when the
+domain changes: the total steps pass a power of two or the width its bucket.
 """
 
 from __future__ import annotations
@@ -63,11 +72,10 @@ __all__ = [
 ]
 
 History = Sequence[tuple[float, float, int]]
-PRV_DOMAIN = "total steps rounded up to 2**k, width up to 1.5 * 2**k"
+PRV_DOMAIN = "quantised-1: mesh of total steps up to 2**k, width up to 1.5 * 2**k, fast FFT size"
 _ALPHAS = list(RDPAccountant.DEFAULT_ALPHAS)
 _ALPHA_NOTE = r"Optimal order is the (largest|smallest) alpha"
 _STATE_BYTES = 256 * 2**20  # composed prefixes kept: at most this much memory
-_MIN_WIDTH = 24.0  # covers epsilon up to ~13 at delta 1e-5: one width for a site's whole budget
 _DPRVS = 4  # discretised single mechanisms kept (the current run's, whose steps grow)
 
 
@@ -103,9 +111,7 @@ def prv_domain(history: History, eps_error: float, delta_error: float) -> Domain
     """The quantised discretisation domain of ``history`` (see the module docstring)."""
     total = sum(n for _, _, n in history)
     steps = 1 << (total - 1).bit_length()  # smallest power of two >= total
-    width = max(
-        _MIN_WIDTH, 1.5 * 2.0 ** math.ceil(math.log2(safe_width(history, eps_error, delta_error) / 1.5))
-    )
+    width = 1.5 * 2.0 ** math.ceil(math.log2(safe_width(history, eps_error, delta_error) / 1.5))
     mesh = float(eps_error / np.sqrt(steps * np.log(12 / delta_error) / 2))
     size = Domain.create_aligned(-width, width, mesh).size
     size = next_fast_len(size, real=True)

@@ -148,20 +148,21 @@ def test_growing_ledger_discretises_only_the_new_mechanism(monkeypatch: pytest.M
 
 def test_calibration_resumes_from_the_composed_ledger(monkeypatch: pytest.MonkeyPatch) -> None:
     ledger = [MechanismStep(1.0 + 0.1 * i, 0.01, 60) for i in range(5)]
-    plan = MechanismStep(1.0, 0.02, 50)
-    history = [(s.noise_multiplier, s.sample_rate, s.steps) for s in ledger]
-    spent = epsilon(ledger, delta=DELTA)  # the site computed this when it wrote the last reservation
-    assert prv.prv_domain(history, PRV_EPS_ERROR, DELTA / 1000) == prv.prv_domain(
-        [*history, (plan.noise_multiplier, plan.sample_rate, plan.steps)], PRV_EPS_ERROR, DELTA / 1000
-    )
+    kwargs: dict[str, Any] = {"target_epsilon": 3.0, "delta": DELTA, "sample_rate": 0.02, "steps": 50}
+    previous = calibrate_noise(history=ledger[:-1], **kwargs)  # a site worker: the previous run's
+    epsilon(ledger, delta=DELTA)  # ... and its reservation
     discretised = _counting(monkeypatch, "discretize")
     probes = _counting(monkeypatch, "prv_epsilon", accounting)
-    sigma = calibrate_noise(
-        history=ledger, target_epsilon=spent + 1.0, delta=DELTA, sample_rate=0.02, steps=50
-    )
+    sigma = calibrate_noise(history=ledger, **kwargs)
+    entries = [(s.noise_multiplier, s.sample_rate, s.steps) for s in ledger]
+    before, now = (_key(prv.prv_domain(h, PRV_EPS_ERROR, DELTA / 1000)) for h in (
+        [*entries[:-1], (previous, 0.02, 50)], [*entries, (sigma, 0.02, 50)]
+    ))  # fmt: skip
+    assert before == now  # the calibrations share a domain: the composed ledger on it is reused
     assert probes["n"] >= 2
-    assert discretised["n"] <= probes["n"]  # each probe discretises its own mechanism, nothing else
-    assert epsilon([*ledger, MechanismStep(sigma, 0.02, 50)], delta=DELTA) <= spent + 1.0
+    # each probe discretises its own mechanism; of the ledger, only the newest mechanism is added
+    assert discretised["n"] <= probes["n"] + 1
+    assert epsilon([*ledger, MechanismStep(sigma, 0.02, 50)], delta=DELTA) <= 3.0
 
 
 def _stock_accounting(monkeypatch: pytest.MonkeyPatch) -> None:
