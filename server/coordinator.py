@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 from flwr.supercore.privacy_accounting import GaussianPrivacyEvent
 
@@ -37,7 +37,7 @@ from server.checkpoint import (
 from server.export import write_adapter
 from server.registry import FEDERATION_NAME, SiteRegistry, load_site_keys
 from server.replies import SiteReply
-from server.rounds import make_round
+from server.rounds import make_round, pull_each
 from server.strategy import Guard, SiteLevelDP, UpdateRules, build_strategy
 
 log = logging.getLogger(__name__)
@@ -140,7 +140,9 @@ def run_federation(
             arrays = ArrayRecord({**arrays, **new_arrays})
         eval_msgs = list(strategy.configure_evaluate(rnd, arrays, request, grid))
         down += payload_bytes(arrays) * len(eval_msgs)
-        strategy.aggregate_evaluate(rnd, grid.send_and_receive(eval_msgs, timeout=cfg.round_timeout))
+        eval_replies: list[Message] = []
+        pull_each(grid, eval_msgs, cfg.round_timeout, eval_replies.append)  # small: no update in them
+        strategy.aggregate_evaluate(rnd, eval_replies)
         eval_infos = strategy.rows
         state.totals["bytes_down"] += down
         for r in eval_infos:

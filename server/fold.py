@@ -14,6 +14,7 @@ update at once: :meth:`UpdateStore.records` rebuilds them in memory for those.
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -25,6 +26,8 @@ from flwr.app import Array, ArrayRecord
 from common.arrays import ArraySpec
 
 __all__ = ["UpdateStore", "capped_weights", "fedavg"]
+
+PREFIX = ".updates-"  # the store's folder in the run folder (hidden: not part of the run's record)
 
 
 @dataclass(frozen=True)
@@ -48,8 +51,15 @@ class UpdateStore:
     def __init__(self, root: Path | None = None) -> None:
         if root is not None:
             root.mkdir(parents=True, exist_ok=True)
-        self._dir = tempfile.TemporaryDirectory(prefix="updates-", dir=root)
+        self._dir = tempfile.TemporaryDirectory(prefix=PREFIX, dir=root)
         self._updates: dict[str, _Layout] = {}
+
+    @staticmethod
+    def sweep(root: Path) -> None:
+        """Delete the stores a killed process left under ``root``."""
+        for stale in root.glob(f"{PREFIX}*"):
+            if stale.is_dir():
+                shutil.rmtree(stale, ignore_errors=True)
 
     def put(self, name: str, tensors: Iterable[tuple[str, np.ndarray]]) -> None:
         """Store update ``name`` from its decoded tensors; nothing is kept if ``tensors`` raises."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -18,14 +19,15 @@ from flwr.serverapp import Grid
 
 from common.arrays import payload_bytes
 from common.config import RunConfig
+from server.fold import UpdateStore
 from server.replies import SiteReply, parse_train
 from server.secagg import secagg_train_round
 from server.strategy import Guard
 
-__all__ = ["PlainRound", "RoundResult", "SecAggRound", "TrainRound", "make_round"]
+__all__ = ["PlainRound", "RoundResult", "SecAggRound", "TrainRound", "make_round", "pull_each"]
 
 log = logging.getLogger(__name__)
-POLL_SECONDS = 0.5  # between pulls of a round's missing replies (Flower's own send_and_receive: 3 s)
+POLL_SECONDS, MAX_POLL_SECONDS = 0.2, 3.0  # between pulls of a round's missing replies
 
 
 @dataclass
@@ -54,13 +56,15 @@ class PlainRound:
 
     def __init__(self, grid: Grid, strategy: Guard, timeout: float, spill: Path | None = None) -> None:
         self.grid, self.strategy, self.timeout, self.spill = grid, strategy, timeout, spill
+        if spill is not None:
+            UpdateStore.sweep(spill)  # what a killed coordinator left of its last round
 
     def __call__(self, rnd: int, arrays: ArrayRecord, request: ConfigRecord) -> RoundResult:
         """Send, then triage each reply as it arrives, then aggregate."""
         messages = list(self.strategy.configure_train(rnd, arrays, request, self.grid))
         self.strategy.begin_train(self.spill)
         try:
-            got = self._collect(messages)
+            got = pull_each(self.grid, messages, self.timeout, lambda m: self.strategy.admit(parse_train(m)))
             new = self.strategy.finish_train(rnd)[0]
         finally:
             self.strategy.close_train()
@@ -69,29 +73,36 @@ class PlainRound:
         accepted = 0 if failure else sum(r.status == "trained" for r in rows)
         return RoundResult(new, rows, payload_bytes(arrays) * len(messages), accepted, failure)
 
-    def _collect(self, messages: list[Message]) -> set[int]:
-        """Push ``messages``; pull and admit each reply until all are in or the timeout passes.
 
-        Returns the nodes that answered (each reply's content is dropped once admitted).
-        """
-        sent = list(self.grid.push_messages(messages))
-        pending = [mid for mid in sent if mid]
-        deadline = time.monotonic() + self.timeout
-        got: set[int] = set()
-        while pending:
-            for mid in list(pending):
-                replies = list(self.grid.pull_messages([mid]))
-                if replies:
-                    pending.remove(mid)
-                while replies:  # no reference to a reply outlives its triage
-                    reply = replies.pop()
-                    got.add(reply.metadata.src_node_id)
-                    self.strategy.admit(parse_train(reply))
-                    del reply
-            if not pending or time.monotonic() >= deadline:
-                break
-            time.sleep(POLL_SECONDS)
-        return got
+def pull_each(
+    grid: Grid, messages: list[Message], timeout: float, take: Callable[[Message], None]
+) -> set[int]:
+    """Push ``messages``, then hand each reply to ``take`` as it arrives, until all are in or ``timeout``.
+
+    Each message id is pulled on its own, so one call never brings more than one reply into memory,
+    and no reference to a reply outlives ``take``. Polls every 0.2 s, backing off to 3 s (Flower's own
+    ``send_and_receive`` sleeps 3 s between pulls) while nothing arrives. Returns the nodes that answered.
+    """
+    pending = [mid for mid in grid.push_messages(messages) if mid]
+    deadline, delay = time.monotonic() + timeout, POLL_SECONDS
+    got: set[int] = set()
+    while pending:
+        arrived = False
+        for mid in list(pending):
+            replies = list(grid.pull_messages([mid]))
+            if replies:
+                pending.remove(mid)
+                arrived = True
+            while replies:
+                reply = replies.pop()
+                got.add(reply.metadata.src_node_id)
+                take(reply)
+                del reply
+        if not pending or time.monotonic() >= deadline:
+            break
+        delay = POLL_SECONDS if arrived else min(2 * delay, MAX_POLL_SECONDS)
+        time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+    return got
 
 
 class SecAggRound:

@@ -168,3 +168,12 @@ def test_each_norm_is_computed_once_against_the_round_global(monkeypatch: pytest
     for i in range(1, 5):  # every entry of the update is 0.5 * i, the global is zero
         want = 0.5 * i * np.sqrt(sum(v.numel() for v in TEMPLATE.values()))
         assert norms[f"s{i}"] == pytest.approx(want)
+
+
+def test_a_killed_rounds_store_is_swept_when_the_next_round_starts(tmp_path: Path) -> None:
+    left = UpdateStore(tmp_path)
+    left.put("x", iter([("a", np.ones(3, np.float32))]))
+    stale = next(tmp_path.iterdir())  # as if the process had been killed here: never closed
+    (tmp_path / "metrics.jsonl").write_text("")
+    PlainRound(OneAtATimeGrid({}), guard(), timeout=1.0, spill=tmp_path)
+    assert not stale.exists() and (tmp_path / "metrics.jsonl").exists()
