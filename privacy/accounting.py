@@ -19,10 +19,11 @@ A stock accountant rediscretises and recomposes every mechanism on every call (8
 distinct ones; calibration makes ~10 calls). Here the RDP vectors, the discretised PRVs and the
 composed history prefixes are cached per mechanism and domain (:mod:`privacy.accounting_prv`): a
 ledger that grows by one mechanism costs one discretisation and one convolution, and every
-calibration probe resumes from the composed history. The cache is rebuilt only when the domain
-changes (the total steps double, or the width outgrows its bucket). An auditor recomputes the same
-numbers from scratch with :class:`~privacy.accounting_prv.FixedDomainPRVAccountant` (the setting
-``prv_domain`` in each reservation says which domain was used).
+calibration probe resumes from the composed history. A domain's prefixes are rebuilt only when a
+history moves to another domain (its total steps pass a power of two, or its width its bucket).
+An auditor recomputes the same numbers from scratch with
+:class:`~privacy.accounting_prv.FixedDomainPRVAccountant` (the setting ``prv_domain`` in each
+reservation says which domain was used).
 
 Fallback
 --------
