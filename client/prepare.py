@@ -118,9 +118,11 @@ def prepare_site(
     DataError
         A bad record (file:line and the fix), or a kind without records.
     ConfigError
-        The state dir cannot be written.
+        An unknown kind, or the state dir cannot be written.
     """
     chosen = list(kinds) if kinds is not None else kinds_of(policy)
+    if unknown := sorted(set(chosen) - set(KINDS)):
+        raise ConfigError("kinds", [f"{unknown[0]!r} is not a training kind: use {', '.join(KINDS)}"])
     try:
         return [_prepare(policy, k, max(1, workers), max(1, chunk_records), progress) for k in chosen]
     except OSError as exc:  # the raw files' errors are DataErrors already: this is the state dir

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from flwr.app import ArrayRecord
 
 import client.prepare as prepare_mod
 from client.data import load_site_data
@@ -16,6 +17,7 @@ from client.prepared import SiteNotPreparedError, manifest_path
 from common.errors import DataError
 from embedded.synthdata import generate_site_records
 from privacy.pii import Scrubber
+from tests.client.hostile import Site, reason, status
 
 pytestmark = pytest.mark.unprepared  # these tests prepare (or not) by hand
 
@@ -159,3 +161,19 @@ def test_two_workers_prepare_what_one_does(tmp_path: Path) -> None:
     prepare_site(one, workers=1)
     prepare_site(two, workers=2)
     assert load_site_data(one).train == load_site_data(two).train
+
+
+def test_an_unprepared_site_refuses_before_any_budget_is_spent(
+    tmp_path: Path, notes: list[dict[str, Any]], tiny_model: Path, start_adapter: ArrayRecord
+) -> None:
+    data, docs = tmp_path / "notes.jsonl", tmp_path / "docs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in notes), encoding="utf-8")
+    docs.write_text("".join(json.dumps({"text": r["response"]}) + "\n" for r in notes), encoding="utf-8")
+    site = Site(tmp_path / "site", data, tiny_model, cpt_path=docs)
+    reply = site.ask(start_adapter, 1)  # nothing prepared: the site stops before its ledger
+    assert status(reply) == "error" and "site not prepared for kind sft" in reason(reply)
+    assert site.kinds() == []
+    prepare_site(load_policy(site.policy), kinds=["sft"])
+    reply = site.ask(start_adapter, 1, **{"train-kind": "cpt"})  # its documents were never prepared
+    assert status(reply) == "refused" and "site not prepared for kind cpt" in reason(reply)
+    assert site.kinds() == ["refuse"]  # recorded, nothing reserved
