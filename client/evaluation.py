@@ -41,6 +41,8 @@ log = logging.getLogger(__name__)
 CACHE_ENTRIES = 256  # results kept in the state dir (each one a few hundred bytes)
 EVAL_VERSION = 1  # bump when what a held-out metric means changes (old cache entries then never match)
 _SALT = b"fedtune held-out sample\0"
+SAMPLING_KEYS = ("eval-records", "eval-loss-stderr")
+_REQUIRED = {"eval-loss", *SAMPLING_KEYS}  # what every scored entry holds
 
 
 @dataclass(frozen=True)
@@ -147,7 +149,9 @@ class EvalCache:
         return {
             k: {str(m): float(x) for m, x in v.items()}
             for k, v in entries.items()
-            if isinstance(v, dict) and all(isinstance(x, int | float) for x in v.values())
+            if isinstance(v, dict)
+            and set(v) >= _REQUIRED
+            and all(isinstance(x, int | float) for x in v.values())
         }
 
     def get(self, key: str) -> dict[str, float] | None:
@@ -184,9 +188,6 @@ def cached(cache: EvalCache, key: str, score: Callable[[], dict[str, float]]) ->
     metrics = score()
     cache.put(key, metrics)
     return metrics
-
-
-SAMPLING_KEYS = ("eval-records", "eval-loss-stderr")
 
 
 def reported(metrics: dict[str, float], section: EvaluationSection) -> dict[str, float]:

@@ -119,22 +119,23 @@ def test_a_corrupt_cache_is_ignored_and_rewritten(
     agent = _agent(site_dir, data, tiny_model, "corrupt")
     want = agent.evaluate(start_adapter, _request(tiny_model))[0]
     cache = agent.policy.state_dir / "eval-cache.json"
-    for garbage in ('{"version": 1, "entries": {"k": {"eval-loss": "x"}}', "\x00{not json", "[]"):
+    entries = json.loads(cache.read_text())["entries"]
+    partial = json.dumps({"version": 1, "entries": {k: {"eval-loss": 0.0} for k in entries}})
+    for garbage in (partial, '{"version": 1, "entries": {"k": {"eval-loss": "x"}}', "\x00{not json", "[]"):
         cache.write_text(garbage, encoding="utf-8")
         assert (
             _agent(site_dir, data, tiny_model, "corrupt").evaluate(start_adapter, _request(tiny_model))[0]
             == want
         )
-    assert len(forwards) == 4 and json.loads(cache.read_text())["version"] == 1
+    assert len(forwards) == 5 and json.loads(cache.read_text())["version"] == 1
 
 
 def test_the_cache_keeps_the_newest_entries(tmp_path: Path) -> None:
     cache = EvalCache(tmp_path / "eval-cache.json")
     for i in range(CACHE_ENTRIES + 10):
-        cache.put(f"k{i}", {"eval-loss": float(i)})
-    assert cache.get("k9") is None and cache.get(f"k{CACHE_ENTRIES + 9}") == {
-        "eval-loss": CACHE_ENTRIES + 9.0
-    }
+        cache.put(f"k{i}", {"eval-loss": float(i), "eval-records": 4.0, "eval-loss-stderr": 0.1})
+    newest = cache.get(f"k{CACHE_ENTRIES + 9}")
+    assert cache.get("k9") is None and newest is not None and newest["eval-loss"] == CACHE_ENTRIES + 9
     assert len(json.loads(cache.path.read_text())["entries"]) == CACHE_ENTRIES
 
 
