@@ -1,6 +1,6 @@
 """A site at scale: preparation throughput and recall vs. plain Presidio, side by side (issue #15).
 
-Usage: ``.venv/bin/python -m bench.scale_site [--per-domain 200] [--repeat 1]``
+Usage: ``.venv/bin/python -m bench.scale_site [--per-domain 200] [--repeat 1] [--eval-sizes 48,480,4800]``
 
 All three scrub the same labelled synthetic notes (clinical, banking, insurance;
 :mod:`embedded.synthpii`), written as one site's raw documents (``cpt-path``, field ``text``):
@@ -14,8 +14,11 @@ All three scrub the same labelled synthetic notes (clinical, banking, insurance;
 Engine loading is excluded from every timing (each engine is warmed first). On a shared machine
 the wall clock depends on the other load; the "idle cores" columns count CPU seconds instead (this
 process's, plus the workers' divided by their number): the rate on that many otherwise idle cores.
-Recall is
-:func:`privacy.pii_eval.score` of the spans each detector replaces. The last line is
+Recall is :func:`privacy.pii_eval.score` of the spans each detector replaces.
+
+Then the cost of a round's held-out evaluation against its training at 48 / 480 / 4,800 held-out
+notes, before (two full evaluations a round) and now (one, bounded by ``[evaluation] max-records``):
+:func:`bench.scale_site_eval.run`. The last line is
 ``prepare_ratio_2w=<2 workers / presidio> recall_ours=<a> recall_presidio=<b>``.
 """
 
@@ -78,13 +81,20 @@ def prepare_rate(notes: Sequence[str], workers: int, repeat: int, tmp: Path) -> 
     return best, best_idle
 
 
-# ---------------------------------------------------------------------------------------------
-# EVALUATION COST (to be added by the engineer working on bounded evaluation; not implemented here):
-# the held-out evaluation's cost at this site's scale, printed beside the preparation table.
-# ---------------------------------------------------------------------------------------------
-def evaluation_cost(policy: SitePolicy, notes: Sequence[str]) -> list[str]:
-    """Lines for the evaluation-cost section (placeholder: returns none yet)."""
-    return []
+def evaluation_cost(sizes: Sequence[int], reps: int) -> list[str]:
+    """A round's held-out evaluation vs its training at ``sizes`` held-out notes (bench.scale_site_eval)."""
+    if not sizes:
+        return []
+    from bench.scale_site_eval import run
+
+    lines = [
+        "",
+        "held-out evaluation of one round vs its training (tiny model; see bench/scale_site_eval.py)",
+    ]
+    out = run(list(sizes), reps, log=lines.append)
+    last = max(sizes)
+    lines.append(f"eval_over_train_{last}_default={out[f'eval_over_train_{last}_default']:.3f}")
+    return lines
 
 
 def main(argv: Sequence[str] | None = None) -> float:
@@ -92,6 +102,8 @@ def main(argv: Sequence[str] | None = None) -> float:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--per-domain", type=int, default=200, help="notes per domain (3 domains)")
     parser.add_argument("--repeat", type=int, default=1, help="timed passes (best is kept)")
+    parser.add_argument("--eval-sizes", default="48,480,4800", help="held-out notes ('' = skip)")
+    parser.add_argument("--eval-reps", type=int, default=3, help="repetitions of every evaluation phase")
     args = parser.parse_args(argv)
     texts = generate_labelled_texts(args.per_domain, seed=1)
     notes = [t.text for t in texts]
@@ -109,7 +121,7 @@ def main(argv: Sequence[str] | None = None) -> float:
             cpu = time.process_time()
             presidio_s = min(presidio_s, run_presidio_default(analyzer, anonymizer, notes)[0])
             presidio_cpu = min(presidio_cpu, time.process_time() - cpu)
-        extra = evaluation_cost(warm, notes)
+    extra = evaluation_cost([int(x) for x in args.eval_sizes.split(",") if x], args.eval_reps)
     _, found = run_presidio_default(analyzer, anonymizer, notes)
     recall_presidio = _recall(score(texts, found))
     recall_ours = _recall(score(texts, [[(d.start, d.end) for d in s] for s in scrubber.detect(notes)]))

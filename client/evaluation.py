@@ -65,9 +65,9 @@ class EvaluationSection:
     )
     report_sampling: bool = option(
         "report-sampling",
-        False,
+        True,
         "add eval-records and eval-loss-stderr (train replies: the same, suffixed -before) to the "
-        "replies; the coordinator must accept these keys",
+        "replies (false: the loss alone; the error tells the spread of held-out losses)",
         Rule("true or false"),
     )
 

@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from common.declare import Rule, defaults, flatten, option, parse, section, within
+from common.declare import Rule, defaults, flatten, one_of, option, parse, section, within
 from common.errors import ConfigError
 from common.sections import (
     MODULUS,
@@ -60,6 +60,13 @@ class RunConfig:
     )
     resume: bool = option(
         "resume", False, "continue the run in out-dir from its checkpoint", Rule("true or false")
+    )
+    eval_full: str = option(
+        "eval-full",
+        "never",
+        "ask sites to score every held-out record, not their policy's bounded sample (a site "
+        "honours it only if its [evaluation] allow-full-on-request is true)",
+        one_of(("never", "last-round", "every-round")),
     )
     model_dir: str = option("model-dir", "", "the base model's local folder", Rule("a local folder"))
     out_dir: str = option("out-dir", "runs/latest", "the run folder", Rule("a writable folder", bool))

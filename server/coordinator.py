@@ -42,6 +42,8 @@ from server.strategy import Guard, SiteLevelDP, UpdateRules, build_strategy
 
 log = logging.getLogger(__name__)
 RoundCallback = Callable[[dict[str, Any]], None]
+# an evaluate reply's metrics kept per site: the loss, its bounded sample and error, a dpo run's rewards
+EVAL_KEYS = ("eval-loss", "eval-records", "eval-loss-stderr", "reward-margin", "reward-accuracy")
 
 
 def initial_adapter(cfg: RunConfig) -> tuple[ArrayRecord, int]:
@@ -59,7 +61,7 @@ def _site_rows(train: list[SiteReply], evaluate: list[SiteReply]) -> dict[str, d
         rows[r.site] = {"status": r.status, "reason": r.reason, **r.metrics, "bytes-up": r.bytes_up}
     for r in evaluate:
         row = rows.setdefault(r.site, {})
-        for key in ("eval-loss", "reward-margin", "reward-accuracy"):
+        for key in EVAL_KEYS:
             if key in r.metrics:
                 row[key] = r.metrics[key]
     return rows
@@ -138,7 +140,10 @@ def run_federation(
             break
         if new_arrays is not None:  # under FFA-LoRA only B is averaged; A stays the shared init
             arrays = ArrayRecord({**arrays, **new_arrays})
-        eval_msgs = list(strategy.configure_evaluate(rnd, arrays, request, grid))
+        last = rnd == cfg.num_server_rounds
+        full = cfg.eval_full == "every-round" or (cfg.eval_full == "last-round" and last)
+        ask = ConfigRecord({**request, "eval-full": True}) if full else request  # the site's policy decides
+        eval_msgs = list(strategy.configure_evaluate(rnd, arrays, ask, grid))
         down += payload_bytes(arrays) * len(eval_msgs)
         eval_replies: list[Message] = []
         pull_each(grid, eval_msgs, cfg.round_timeout, eval_replies.append)  # small: no update in them
@@ -146,7 +151,7 @@ def run_federation(
         eval_infos = strategy.rows
         state.totals["bytes_down"] += down
         for r in eval_infos:
-            for key in ("eval-loss", "reward-margin", "reward-accuracy"):  # (the last two: dpo runs)
+            for key in EVAL_KEYS:
                 if key in r.metrics:
                     state.sites.setdefault(r.site, {})[f"{key.replace('-', '_')}_after"] = r.metrics[key]
         line = _round_line(rnd, t0, down, up, new_arrays is not None, train_infos, eval_infos)

@@ -37,9 +37,12 @@ _METRICS_OPTIONAL = frozenset(
         "records-too-long",
         "reward-margin-before",
         "reward-accuracy-before",
+        "eval-records-before",
+        "eval-loss-stderr-before",
     }
 )
 _EVAL_REWARDS = ("reward-margin", "reward-accuracy")  # held-out, of a dpo run's global adapter
+_EVAL_SAMPLING = ("eval-records", "eval-loss-stderr")  # the bounded held-out sample and its error
 _SITE_KEYS = frozenset({"name", "status", "reason", "key", "train-kind"})
 
 
@@ -249,9 +252,13 @@ def parse_evaluate(msg: Message) -> EvalReply:
 def _eval_metrics(msg: Message, row: SiteReply) -> str:
     record: Mapping[str, Any] = msg.content.metric_records["metrics"]
     keys = set(record)
-    if not {"eval-loss", "num-examples"} <= keys <= {"eval-loss", "num-examples", *_EVAL_REWARDS}:
+    if (
+        not {"eval-loss", "num-examples"}
+        <= keys
+        <= {"eval-loss", "num-examples", *_EVAL_REWARDS, *_EVAL_SAMPLING}
+    ):
         got = sorted(_text(k, 40) for k in record)[:5]
-        want = f"eval-loss and num-examples (dpo: and {', '.join(_EVAL_REWARDS)})"
+        want = f"eval-loss and num-examples (optional: {', '.join(_EVAL_SAMPLING + _EVAL_REWARDS)})"
         return f"evaluate metrics must be {want}, got {got}"
     if not all(_number(v) for v in record.values()):
         return "evaluate metrics are not finite numbers"
@@ -260,5 +267,8 @@ def _eval_metrics(msg: Message, row: SiteReply) -> str:
         return f"eval-loss {loss:g} / num-examples {n:g} out of range"
     if not 0 <= float(record.get("reward-accuracy", 0.0)) <= 1:
         return "reward-accuracy must be a share in [0, 1]"
+    scored = float(record.get("eval-records", 1.0))
+    if scored != int(scored) or not 0 < scored <= 1e12 or float(record.get("eval-loss-stderr", 0.0)) < 0:
+        return "eval-records must be a positive count and eval-loss-stderr not negative"
     row.metrics = {k: float(v) for k, v in record.items()}
     return ""

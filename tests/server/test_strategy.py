@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 import server.strategy as strategy_module
@@ -283,3 +283,30 @@ def test_a_crash_inside_aggregation_is_reported_not_raised(
         g.inner.aggregate_train = boom  # type: ignore[method-assign,assignment]
     assert g.aggregate_train(1, [trained(1, 0.1)]) == (None, None)
     assert "aggregation bug" in g.failure
+
+
+def _evaluated(node: int, **metrics: float) -> Message:
+    content = RecordDict(
+        {
+            "metrics": MetricRecord({"eval-loss": 2.0, "num-examples": 40, **metrics}),
+            "site": ConfigRecord({"name": f"s{node}", "status": "evaluated"}),
+        }
+    )
+    return Message(content, reply_to=Message(RecordDict(), dst_node_id=node, message_type="evaluate"))
+
+
+def test_an_evaluation_reports_its_bounded_sample_and_a_bad_one_is_rejected() -> None:
+    g = guard()
+    g.aggregate_evaluate(
+        1,
+        [
+            _evaluated(1, **{"eval-records": 32.0, "eval-loss-stderr": 0.05}),
+            _evaluated(2, **{"eval-records": 2.5}),
+            _evaluated(3, **{"eval-loss-stderr": -1.0}),
+        ],
+    )
+    got = {r.site: r for r in g.rows}
+    assert got["s1"].status == "evaluated"
+    assert got["s1"].metrics["eval-records"] == 32 and got["s1"].metrics["eval-loss-stderr"] == 0.05
+    for bad in ("s2", "s3"):
+        assert got[bad].status == "rejected" and "eval-records must be a positive count" in got[bad].reason
