@@ -77,21 +77,23 @@ def forwards(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 def test_each_adapter_is_scored_once_across_processes(
     site_dir: Path, data: Path, tiny_model: Path, start_adapter: ArrayRecord, forwards: list[int]
 ) -> None:
-    first = _agent(site_dir, data, tiny_model, "once").train_round(start_adapter, _request(tiny_model))
+    quiet = {"report-sampling": False}
+    once = _agent(site_dir, data, tiny_model, "once", **quiet)
+    first = once.train_round(start_adapter, _request(tiny_model))
     assert first.trained and first.arrays is not None and len(forwards) == 1
     merged = first.arrays  # the coordinator's next global adapter (one site: its own update)
-    metrics, n = _agent(site_dir, data, tiny_model, "once").evaluate(merged, _request(tiny_model))
+    metrics, n = _agent(site_dir, data, tiny_model, "once", **quiet).evaluate(merged, _request(tiny_model))
     assert len(forwards) == 2 and n > 0
-    again = _agent(site_dir, data, tiny_model, "once")
+    again = _agent(site_dir, data, tiny_model, "once", **quiet)
     second = again.train_round(merged, _request(tiny_model, rnd=2))
     assert second.trained and len(forwards) == 2  # round 2's eval-loss-before is round 1's evaluation
     assert second.metrics["eval-loss-before"] == metrics["eval-loss"]
     assert again.evaluate(merged, _request(tiny_model, rnd=2))[0] == metrics and len(forwards) == 2
     assert again.loads["held-out"] == 0
-    assert set(metrics) == {"eval-loss"}  # the sampling keys only when the policy reports them
+    assert set(metrics) == {"eval-loss"}  # no sampling keys where the policy keeps them back
     sampling = {"eval-records-before", "eval-loss-stderr-before"}
     assert not sampling & set(second.metrics)
-    told = _agent(site_dir, data, tiny_model, "told", **{"report-sampling": True})
+    told = _agent(site_dir, data, tiny_model, "told")  # the default: reported
     third = told.train_round(merged, _request(tiny_model, rnd=3))
     assert third.trained and len(forwards) == 2 and sampling <= set(third.metrics)
     assert third.metrics["eval-records-before"] == n and third.metrics["eval-loss-stderr-before"] == 0.0
