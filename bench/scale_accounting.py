@@ -18,18 +18,23 @@ computing each number run side by side in one process:
 Epsilon, for a ledger of N distinct mechanisms: *old* is one from-scratch call; *new, growing* is the
 N-th call of a ledger that grew one mechanism at a time in this process (a site worker after each
 run), with ``domain`` saying whether the quantised domain was kept or had to be rebuilt at that call;
-*new, cold* is the first call in a fresh process (empty caches). Calibration (``calibrate_noise``,
-target 8.0, sample rate 0.01, 300 steps, 3 rounds) after E earlier mechanisms: *old* from scratch;
-*new, worker*: as in a site worker, the previous run was calibrated (after E - 1 mechanisms) and the
-ledger's epsilon after E computed (when the last reservation was written) before the timed call;
-``domain`` says whether that calibration's domain was the previous one's; *new, cold*: empty
-caches. Epsilons of both methods and their differences are printed (for
+*new, cold* is the first call in a fresh process (empty caches, no persisted state); *new, cold
+persisted*: a fresh process whose state dir holds what the growing process had persisted after N - 1
+mechanisms (``privacy/accounting_store.py``; the growing and worker columns write it).
+
+Calibration (``calibrate_noise``, target 8.0, sample rate 0.01, 300 steps, 3 rounds) after E earlier
+mechanisms: *old* from scratch; *new, worker*: as in a site worker, the previous run was calibrated
+(after E - 1 mechanisms) and the ledger's epsilon after E computed (when the last reservation was
+written) before the timed call; ``domain`` says whether that calibration's domain was the previous
+one's; *new, cold*: empty caches; *new, cold persisted*: empty caches, the state that worker had
+persisted before the timed call. Epsilons of both methods and their differences are printed (for
 calibration: of the history plus the planned rounds at each method's noise).
 
 Goal (``docs/performance.md``, "Accounting at scale"): epsilon of 20 distinct mechanisms < 1 s and
 calibration after 10 < 5 s on the 2-core VM; epsilons within the stated PRV bound of Opacus's. The
-last line is ``eps20_s=<x> calib10_s=<y> max_abs_eps_diff=<z>`` (growing ledger; worker calibration;
-over all epsilon rows).
+last line is ``eps20_s=<x> calib10_s=<y> max_abs_eps_diff=<z> eps20_persisted_s=<u>
+calib10_persisted_s=<v>`` (growing ledger; worker calibration; over all epsilon rows; fresh processes
+on the persisted state).
 """
 
 from __future__ import annotations
@@ -37,16 +42,20 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import shutil
+import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 
 import numpy as np
 from opacus.accountants import PRVAccountant, RDPAccountant
 
 from privacy import accounting, accounting_prv
 from privacy.accounting import PRV_EPS_ERROR, MechanismStep, calibrate_noise, epsilon
+from privacy.accounting_store import use_persistent_cache
 
 DELTA = 1e-5
 TARGET, SAMPLE_RATE, STEPS, ROUNDS = 8.0, 0.01, 300, 3
@@ -76,9 +85,17 @@ def old_accounting() -> Iterator[None]:
         accounting._epsilon_cached.cache_clear()
 
 
-def cold() -> None:
+def cold(folder: Path | None = None) -> None:
+    """A fresh process: empty caches, persisting to (and reading from) ``folder`` if given."""
     accounting_prv.clear_caches()
     accounting._epsilon_cached.cache_clear()
+    use_persistent_cache(folder)
+
+
+def snapshot(folder: Path, to: Path) -> Path:
+    """A copy of the persisted state as it is now (what a fresh process would find)."""
+    shutil.copytree(folder, to) if folder.exists() else to.mkdir(parents=True)
+    return to
 
 
 def timed(fn: Callable[[], float]) -> tuple[float, float]:
@@ -103,48 +120,61 @@ def _domain(history: Sequence[MechanismStep]) -> tuple[float, int]:
     return float(d.t_max), d.size
 
 
-def bench_epsilon(sizes: list[int], mechanisms: list[MechanismStep]) -> tuple[list[float], float]:
-    """Print the epsilon table; return the new - old differences and the growing time at max(sizes)."""
+def bench_epsilon(
+    sizes: list[int], mechanisms: list[MechanismStep], tmp: Path
+) -> tuple[list[float], float, float]:
+    """Print the epsilon table; return the new - old differences, growing and persisted s at max(sizes)."""
     print("epsilon of a ledger of N distinct mechanisms (delta 1e-5)")
-    cold()
+    cold(tmp / "growing")
     grown: dict[int, tuple[float, float, str]] = {}
+    persisted: dict[int, Path] = {}
     for k in range(1, max(sizes) + 1):
+        if k in sizes:  # what a process started now would find
+            persisted[k] = snapshot(tmp / "growing", tmp / f"after-{k - 1}")
         kept = k > 1 and _domain(mechanisms[:k]) == _domain(mechanisms[: k - 1])
         value, seconds = timed(lambda k=k: epsilon(mechanisms[:k], delta=DELTA))  # type: ignore[misc]
         grown[k] = (value, seconds, "kept" if kept else "rebuilt")
     rebuilt = [f"{k} ({grown[k][1]:.2f} s)" for k in range(2, max(sizes) + 1) if grown[k][2] == "rebuilt"]
     print(f"growing 1..{max(sizes)}: domain rebuilt at N = {', '.join(rebuilt) or 'never'}")
     print(
-        "| N | old s | new s (growing) | domain | new s (cold) | speed-up | old eps | new eps | new - old |"
+        "| N | old s | new s (growing) | domain | new s (cold) | new s (cold, persisted) | speed-up "
+        "| old eps | new eps | new - old |"
     )
-    print("|---:|---:|---:|---|---:|---:|---:|---:|---:|")
-    diffs = []
+    print("|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|")
+    diffs, persisted_s = [], 0.0
     for n in sizes:
+        cold()
         with old_accounting():
             old, old_s = timed(lambda n=n: epsilon(mechanisms[:n], delta=DELTA))  # type: ignore[misc]
         cold()
         _, cold_s = timed(lambda n=n: epsilon(mechanisms[:n], delta=DELTA))  # type: ignore[misc]
+        cold(persisted[n])
+        again, persisted_s = timed(lambda n=n: epsilon(mechanisms[:n], delta=DELTA))  # type: ignore[misc]
         new, new_s, domain = grown[n]
+        assert again == new, (again, new)  # the persisted state gives the same number, bit for bit
         diffs.append(new - old)
         print(
-            f"| {n} | {old_s:.2f} | {new_s:.2f} | {domain} | {cold_s:.2f} | {old_s / new_s:.1f}x "
-            f"| {old:.6f} | {new:.6f} | {new - old:+.2e} |",
+            f"| {n} | {old_s:.2f} | {new_s:.2f} | {domain} | {cold_s:.2f} | {persisted_s:.2f} "
+            f"| {old_s / new_s:.1f}x | {old:.6f} | {new:.6f} | {new - old:+.2e} |",
             flush=True,
         )
-    return diffs, grown[max(sizes)][1]
+    cold()
+    return diffs, grown[max(sizes)][1], persisted_s
 
 
-def bench_calibration(earlier: list[int], mechanisms: list[MechanismStep]) -> dict[int, float]:
-    """Print the calibration table; return the warm calibration time per number of earlier mechanisms."""
+def bench_calibration(
+    earlier: list[int], mechanisms: list[MechanismStep], tmp: Path
+) -> dict[int, tuple[float, float]]:
+    """Print the calibration table; return the worker and persisted times per number of earlier mechanisms."""
     print(
         f"\ncalibrate_noise after E earlier mechanisms "
         f"(target {TARGET}, q {SAMPLE_RATE}, {STEPS} steps x {ROUNDS} rounds)"
     )
     print(
-        "| E | old s | new s (worker) | domain | new s (cold) | speed-up "
+        "| E | old s | new s (worker) | domain | new s (cold) | new s (cold, persisted) | speed-up "
         "| old sigma | new sigma | eps at old | eps at new |"
     )
-    print("|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|")
+    print("|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|")
     out = {}
     for e in earlier:
         history = mechanisms[:e]
@@ -163,20 +193,26 @@ def bench_calibration(earlier: list[int], mechanisms: list[MechanismStep]) -> di
             old, old_s = timed(run)
         cold()
         _, cold_s = timed(run)
-        cold()
+        cold(tmp / f"worker-{e}")
         previous = None
         if e:  # a site worker: it calibrated the previous run, then wrote that run's reservations
             sigma = run(mechanisms[: e - 1])
             previous = _domain([*mechanisms[: e - 1], *[MechanismStep(sigma, SAMPLE_RATE, STEPS)] * ROUNDS])
             epsilon(history, delta=DELTA)
+        persisted = snapshot(tmp / f"worker-{e}", tmp / f"worker-{e}-before")
         new, new_s = timed(run)
+        cold(persisted)
+        again, persisted_s = timed(run)
+        assert again == new, (again, new)
+        cold()
         planned = [*history, *[MechanismStep(new, SAMPLE_RATE, STEPS)] * ROUNDS]
         domain = "-" if previous is None else "kept" if previous == _domain(planned) else "rebuilt"
         eps_old = epsilon([*history, *[MechanismStep(old, SAMPLE_RATE, STEPS)] * ROUNDS], delta=DELTA)
         eps_new = epsilon([*history, *[MechanismStep(new, SAMPLE_RATE, STEPS)] * ROUNDS], delta=DELTA)
-        out[e] = new_s
+        out[e] = (new_s, persisted_s)
         print(
-            f"| {e} | {old_s:.2f} | {new_s:.2f} | {domain} | {cold_s:.2f} | {old_s / new_s:.1f}x "
+            f"| {e} | {old_s:.2f} | {new_s:.2f} | {domain} | {cold_s:.2f} | {persisted_s:.2f} "
+            f"| {old_s / new_s:.1f}x "
             f"| {old:.4f} | {new:.4f} | {eps_old:.4f} | {eps_new:.4f} |",
             flush=True,
         )
@@ -193,11 +229,14 @@ def main() -> None:
     earlier = [int(x) for x in args.earlier.split(",")]
     mechanisms = ledger(max([*sizes, *earlier]), args.seed)
     print("load average: " + " ".join(f"{x:.2f}" for x in os.getloadavg()))
-    diffs, eps_last = bench_epsilon(sizes, mechanisms)
-    calib = bench_calibration(earlier, mechanisms)
+    with tempfile.TemporaryDirectory(prefix="scale-accounting-") as tmp:
+        diffs, eps_last, eps_persisted = bench_epsilon(sizes, mechanisms, Path(tmp))
+        calib = bench_calibration(earlier, mechanisms, Path(tmp))
+    worker, persisted = calib[max(earlier)]
     print(
-        f"eps{max(sizes)}_s={eps_last:.3f} calib{max(earlier)}_s={calib[max(earlier)]:.3f} "
-        f"max_abs_eps_diff={max(abs(d) for d in diffs):.2e}"
+        f"eps{max(sizes)}_s={eps_last:.3f} calib{max(earlier)}_s={worker:.3f} "
+        f"max_abs_eps_diff={max(abs(d) for d in diffs):.2e} "
+        f"eps{max(sizes)}_persisted_s={eps_persisted:.3f} calib{max(earlier)}_persisted_s={persisted:.3f}"
     )
 
 

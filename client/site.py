@@ -45,12 +45,8 @@ from client.train import DPPlan, TrainStep, train_dp
 from common.arrays import check_update, decode, encode, spec_of, to_record, to_state, update_sha256
 from common.config import LoraSpec, TrainRequest
 from common.errors import BudgetExceededError, ConfigError, PolicyViolationError
-from common.modeling import (
-    adapter_state,
-    load_adapter_state,
-    load_tokenizer,
-    model_fingerprint,
-)
+from common.modeling import adapter_state, load_adapter_state, load_tokenizer, model_fingerprint
+from privacy.accounting_store import use_persistent_cache
 from privacy.budget import RoundRequest, admit
 from privacy.keys import SigningKey, load_signing_key
 from privacy.ledger import LedgerState, PrivacyLedger
@@ -86,6 +82,7 @@ class SiteAgent:
         self.loads: Counter[str] = Counter()  # what this process loaded or scored, how often (worker stats)
         self.records = SiteRecords(policy, self.loads, self.check_state_dir)
         self.eval_cache = EvalCache(policy.state_dir / "eval-cache.json")  # scores of adapters seen
+        use_persistent_cache(policy.state_dir / "accounting-cache")  # composed ledger prefixes
 
     # ---------------------------------------------------------------- setup (cached)
     def check_state_dir(self) -> None:

@@ -21,9 +21,10 @@ composed history prefixes are cached per mechanism and domain (:mod:`privacy.acc
 ledger that grows by one mechanism costs one discretisation and one convolution, and every
 calibration probe resumes from the composed history. A domain's prefixes are rebuilt only when a
 history moves to another domain (its total steps pass a power of two, or its width its bucket).
-An auditor recomputes the same numbers from scratch with
-:class:`~privacy.accounting_prv.FixedDomainPRVAccountant` (the setting ``prv_domain`` in each
-reservation says which domain was used).
+The site agent also keeps the newest composed prefixes in its state dir
+(:mod:`privacy.accounting_store`), so a fresh process resumes from them. An auditor recomputes the
+same numbers from scratch with :class:`~privacy.accounting_prv.FixedDomainPRVAccountant` (the
+setting ``prv_domain`` in each reservation says which domain was used).
 
 Fallback
 --------

@@ -36,7 +36,11 @@ Caches (per process; a site worker keeps them across rounds)
   :class:`FixedDomainPRVAccountant`'s to floating-point rounding (measured ~1e-10).
 
 The prefix cache is bounded (``_STATE_BYTES``, oldest first); it is rebuilt from scratch when the
-domain changes: the total steps pass a power of two or the width its bucket.
+domain changes: the total steps pass a power of two or the width its bucket. With
+:func:`~privacy.accounting_store.use_persistent_cache` (the site agent's state dir), each call's
+history without its last mechanism (the ledger before the current run, or before a calibration's
+probe) is also written to disk, and a prefix missing from memory is looked up there before it is
+recomposed: a fresh process starts warm, with the same numbers bit for bit.
 """
 
 from __future__ import annotations
@@ -60,6 +64,8 @@ from opacus.accountants.analysis.prv import (
 )
 from opacus.accountants.analysis.prv.compose import _compose_fourier, _compose_two
 from scipy.fft import next_fast_len
+
+from privacy import accounting_store
 
 __all__ = [
     "PRV_DOMAIN",
@@ -168,8 +174,13 @@ def _remember(key: tuple[_DomainKey, tuple[tuple[float, float, int], ...]], stat
         _states.popitem(last=False)
 
 
-def _composed(history: tuple[tuple[float, float, int], ...], domain: Domain) -> DiscretePRV:
-    """The composition of ``history`` on ``domain``, resumed from the longest cached prefix."""
+def _composed(
+    history: tuple[tuple[float, float, int], ...], domain: Domain, errors: tuple[float, float]
+) -> DiscretePRV:
+    """The composition of ``history`` on ``domain``, resumed from the longest cached prefix.
+
+    ``errors`` (``eps_error``, ``delta_error``) only key the prefixes kept on disk.
+    """
     where: _DomainKey = (float(domain.t_min), float(domain.t_max), int(domain.size))
     start, state = 0, None
     for k in range(len(history), 0, -1):
@@ -177,12 +188,25 @@ def _composed(history: tuple[tuple[float, float, int], ...], domain: Domain) -> 
             _states.move_to_end((where, history[:k]))
             start, state = k, hit
             break
+    if (disk := accounting_store.store()) is not None:
+        for k in range(len(history), start, -1):  # a longer prefix, written by an earlier process
+            key = disk.key(where, history[:k], *errors, PRV_DOMAIN)
+            if (hit := accounting_store.load(disk, key, where)) is not None:
+                _remember((where, history[:k]), hit)
+                start, state = k, hit
+                break
+    last = len(history) - 1
+    prefix = state if start == last else None  # the history but its last mechanism
     for k in range(start, len(history)):
         sigma, q, n = history[k]
         one = _compose_fourier(_discrete(sigma, q, *where), n)
         state = one if state is None else _compose_two(state, one)
-        if k >= len(history) - 2:  # the whole history, and all but its last (the current run's)
+        if k >= last - 1:  # the whole history, and all but its last (the current run's)
             _remember((where, history[: k + 1]), state)
+        if k == last - 1:
+            prefix = state
+    if disk is not None and prefix is not None:
+        accounting_store.save(disk, disk.key(where, history[:last], *errors, PRV_DOMAIN), prefix)
     assert state is not None  # history is not empty
     return state
 
@@ -198,14 +222,16 @@ def prv_epsilon(history: History, delta: float, eps_error: float) -> float:
     delta_error = delta / 1000  # Opacus's default
     domain = prv_domain(entries, eps_error, delta_error)
     with _lock, np.errstate(divide="ignore"):  # q == 1: Opacus evaluates log(1 - q) = -inf, as intended
-        composed = _composed(entries, domain)
+        composed = _composed(entries, domain, (eps_error, delta_error))
         _, _, upper = composed.compute_epsilon(delta, delta_error, eps_error)
     return float(upper)
 
 
 def clear_caches() -> None:
-    """Forget every cached vector, PRV and composition (tests; memory)."""
+    """Forget every cached vector, PRV and composition (tests; memory); files on disk stay."""
     with _lock:
         _states.clear()
+        if (disk := accounting_store.store()) is not None:
+            disk.saved.clear()
     for cached in (_rdp_vector, _truncated, _discrete):
         cached.cache_clear()

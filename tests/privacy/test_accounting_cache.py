@@ -17,6 +17,7 @@ from opacus.accountants.analysis.prv import Domain, PoissonSubsampledGaussianPRV
 import privacy.accounting_prv as prv
 from privacy import accounting
 from privacy.accounting import PRV_EPS_ERROR, MechanismStep, accounting_settings, calibrate_noise, epsilon
+from privacy.accounting_store import use_persistent_cache
 from privacy.audit import recompute_epsilon, verify_ledgers
 from privacy.ledger import PrivacyLedger
 
@@ -52,6 +53,7 @@ def _fixed(history: Hist) -> float:
 
 @pytest.fixture(autouse=True)
 def _cold() -> Iterator[None]:
+    use_persistent_cache(None)  # memory only (a site agent built earlier in this process may have set one)
     prv.clear_caches()
     accounting._epsilon_cached.cache_clear()
     yield
