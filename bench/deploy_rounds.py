@@ -53,6 +53,8 @@ def deployment(
 ) -> tuple[list[float], list[float]]:
     """Round times of one deployed run (TLS, node auth, 2 sites), and per round the seconds the
     slower site's worker spent answering (empty without workers)."""
+    from client.policy import load_policy
+    from client.prepare import prepare_site
     from fedtune.deploy_cli import provision_federation
 
     names = sorted(p.stem for p in data.glob("*.jsonl"))[:2]
@@ -70,6 +72,8 @@ def deployment(
         procs.wait_for("superlink", "Uvicorn running on https://", link)
         home = {**env, "FLWR_HOME": str(fed.operator / "flwr-home")}
         subprocess.run([str(DEPLOY / "register-sites.sh"), str(fed.operator), *names], env=home, check=True)
+        for name in names:  # each site's admin prepares its records first (not timed: no round runs it)
+            prepare_site(load_policy(fed.sites[name] / "policy.toml"))
         for name in names:
             extra: list[str | Path] = []
             if worker:
