@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +17,9 @@ from opacus.accountants.analysis.prv import Domain, PoissonSubsampledGaussianPRV
 import privacy.accounting_prv as prv
 from privacy import accounting
 from privacy.accounting import PRV_EPS_ERROR, MechanismStep, accounting_settings, calibrate_noise, epsilon
-from privacy.accounting_store import use_persistent_cache
 from privacy.audit import recompute_epsilon, verify_ledgers
 from privacy.ledger import PrivacyLedger
+from tests.privacy.accounting_helpers import counting, fresh_process
 
 DELTA = 1e-5
 Hist = list[tuple[float, float, int]]
@@ -53,29 +53,13 @@ def _fixed(history: Hist) -> float:
 
 @pytest.fixture(autouse=True)
 def _cold() -> Iterator[None]:
-    use_persistent_cache(None)  # memory only (a site agent built earlier in this process may have set one)
-    prv.clear_caches()
-    accounting._epsilon_cached.cache_clear()
+    fresh_process()  # memory only (a site agent built earlier in this process may have set a store)
     yield
-    prv.clear_caches()
-    accounting._epsilon_cached.cache_clear()
+    fresh_process()
 
 
 def _key(domain: Domain) -> tuple[float, float, int]:
     return (domain.t_min, domain.t_max, domain.size)
-
-
-def _counting(monkeypatch: pytest.MonkeyPatch, name: str, module: Any = prv) -> dict[str, int]:
-    """Count calls into an expensive function (by default one of Opacus's, as accounting_prv uses it)."""
-    calls = {"n": 0}
-    original: Callable[..., Any] = getattr(module, name)
-
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        calls["n"] += 1
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(module, name, wrapper)
-    return calls
 
 
 @settings(max_examples=5, deadline=None, database=None)
@@ -132,8 +116,8 @@ def test_pinned_values_stay_within_the_stated_bound(history: Hist, expected: flo
 
 
 def test_growing_ledger_discretises_only_the_new_mechanism(monkeypatch: pytest.MonkeyPatch) -> None:
-    discretised = _counting(monkeypatch, "discretize")
-    powers = _counting(monkeypatch, "_compose_fourier")
+    discretised = counting(monkeypatch, "discretize")
+    powers = counting(monkeypatch, "_compose_fourier")
     ledger = [(1.0, 0.01, 70)] + [(1.1 + 0.1 * i, 0.01, 5) for i in range(5)]
     grown = [*ledger[:-1], (ledger[-1][0], 0.01, 15)]  # the current run's next round: its steps grow
     histories = [*(ledger[:k] for k in range(1, 7)), grown]
@@ -153,8 +137,8 @@ def test_calibration_resumes_from_the_composed_ledger(monkeypatch: pytest.Monkey
     kwargs: dict[str, Any] = {"target_epsilon": 3.0, "delta": DELTA, "sample_rate": 0.02, "steps": 50}
     previous = calibrate_noise(history=ledger[:-1], **kwargs)  # a site worker: the previous run's
     epsilon(ledger, delta=DELTA)  # ... and its reservation
-    discretised = _counting(monkeypatch, "discretize")
-    probes = _counting(monkeypatch, "prv_epsilon", accounting)
+    discretised = counting(monkeypatch, "discretize")
+    probes = counting(monkeypatch, "prv_epsilon", accounting)
     sigma = calibrate_noise(history=ledger, **kwargs)
     entries = [(s.noise_multiplier, s.sample_rate, s.steps) for s in ledger]
     before, now = (_key(prv.prv_domain(h, PRV_EPS_ERROR, DELTA / 1000)) for h in (

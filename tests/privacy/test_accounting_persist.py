@@ -2,60 +2,40 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
 
 import privacy.accounting_prv as prv
-from privacy import accounting, accounting_store
+from privacy import accounting_store
 from privacy.accounting import PRV_EPS_ERROR, MechanismStep, epsilon
-from privacy.accounting_store import use_persistent_cache
+from tests.privacy.accounting_helpers import counting, fresh_process
 
 DELTA = 1e-5
 LEDGER = [(1.0, 0.01, 70)] + [(1.1 + 0.1 * i, 0.01, 5) for i in range(4)]  # one domain: 70..90 steps
 
 
-def _fresh(folder: Path | None, limit: int = accounting_store.STORE_BYTES) -> None:
-    """A fresh process: nothing in memory; the store (if any) at ``folder``."""
-    prv.clear_caches()
-    accounting._epsilon_cached.cache_clear()
-    use_persistent_cache(folder, limit)
-
-
 @pytest.fixture(autouse=True)
 def _memory_only() -> Iterator[None]:
-    _fresh(None)
+    fresh_process(None)
     yield
-    _fresh(None)
+    fresh_process(None)
 
 
 def _eps(history: list[tuple[float, float, int]]) -> float:
     return epsilon([MechanismStep(*e) for e in history], delta=DELTA)
 
 
-def _counting(monkeypatch: pytest.MonkeyPatch, name: str) -> dict[str, int]:
-    calls = {"n": 0}
-    original: Callable[..., Any] = getattr(prv, name)
-
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        calls["n"] += 1
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(prv, name, wrapper)
-    return calls
-
-
 def _scratch(history: list[tuple[float, float, int]]) -> float:
-    _fresh(None)
+    fresh_process(None)
     return _eps(history)
 
 
 def _grown(folder: Path, limit: int = accounting_store.STORE_BYTES) -> list[float]:
     """An earlier process: the ledger grows one mechanism at a time with the store at ``folder``."""
-    _fresh(folder, limit)
+    fresh_process(folder, limit)
     return [_eps(LEDGER[: k + 1]) for k in range(len(LEDGER))]
 
 
@@ -66,12 +46,12 @@ def test_a_fresh_process_resumes_from_disk_bit_for_bit(
     current = [*LEDGER[:-1], (LEDGER[-1][0], 0.01, 15)]  # the current run's next round
     expected_current = _scratch(current)
     assert _grown(tmp_path / "cache") == memory
-    _fresh(tmp_path / "cache")
-    discretised = _counting(monkeypatch, "discretize")
-    powers = _counting(monkeypatch, "_compose_fourier")
+    fresh_process(tmp_path / "cache")
+    discretised = counting(monkeypatch, "discretize")
+    powers = counting(monkeypatch, "_compose_fourier")
     assert _eps(LEDGER) == memory[-1]  # bit for bit
     assert (discretised["n"], powers["n"]) == (1, 1)  # only the last mechanism: the rest came from disk
-    _fresh(tmp_path / "cache")
+    fresh_process(tmp_path / "cache")
     assert _eps(current) == expected_current
     assert (discretised["n"], powers["n"]) == (2, 2)
 
@@ -108,11 +88,11 @@ def test_a_broken_cache_file_is_ignored_and_recomputed(
     _grown(folder)
     for path in folder.glob("*.npz"):
         _break(path, how)
-    _fresh(folder)
-    discretised = _counting(monkeypatch, "discretize")
+    fresh_process(folder)
+    discretised = counting(monkeypatch, "discretize")
     assert _eps(LEDGER) == expected
     assert discretised["n"] == len(LEDGER)  # nothing was read from the broken files
-    _fresh(folder)  # ... and the prefix was written again: the next fresh process resumes from it
+    fresh_process(folder)  # ... and the prefix was written again: the next fresh process resumes from it
     assert _eps(LEDGER) == expected
     assert discretised["n"] == len(LEDGER) + 1
 
@@ -120,7 +100,7 @@ def test_a_broken_cache_file_is_ignored_and_recomputed(
 def test_an_unwritable_folder_never_fails_accounting(tmp_path: Path) -> None:
     (blocked := tmp_path / "file").write_text("not a folder", encoding="utf-8")
     expected = _scratch(LEDGER[:2])
-    _fresh(blocked / "cache")
+    fresh_process(blocked / "cache")
     assert _eps(LEDGER[:2]) == expected
 
 
