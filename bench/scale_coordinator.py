@@ -39,7 +39,6 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -71,7 +70,6 @@ def _rss_kib(field: str) -> int:
 def _worker(shape: str, sites: int, mode: str, aggregation: str) -> dict[str, Any]:
     """One measurement, in this (fresh) process."""
     from flwr.app import Array, ArrayRecord, ConfigRecord, Message
-    from flwr.serverapp import Grid
     from flwr.supercore.task_identity import TaskIdentity
 
     from client.client_app import reply_records
@@ -81,6 +79,7 @@ def _worker(shape: str, sites: int, mode: str, aggregation: str) -> dict[str, An
     from server.registry import SiteRegistry
     from server.rounds import PlainRound
     from server.strategy import Guard, UpdateRules, build_strategy
+    from tests.inprocess import QueueGrid
 
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
     shapes = template(shape)
@@ -107,46 +106,18 @@ def _worker(shape: str, sites: int, mode: str, aggregation: str) -> dict[str, An
         content["arrays"] = arrays
         return Message(content, reply_to=msg)
 
-    class SyntheticGrid(Grid):
+    class SyntheticGrid(QueueGrid):
         """``sites`` nodes whose replies are made when pulled (their making is timed apart)."""
 
         def __init__(self) -> None:
-            self.queued: dict[str, Message] = {}
+            super().__init__(range(1, sites + 1))
             self.making = 0.0
 
-        def _make(self, msg: Message) -> Message:
+        def _deliver(self, msg: Message) -> Message:
             t = time.perf_counter()
             out = reply(msg)
             self.making += time.perf_counter() - t
             return out
-
-        def get_node_ids(self) -> Iterable[int]:
-            return list(range(1, sites + 1))
-
-        def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-            ids = []
-            for m in messages:
-                self.queued[mid := str(len(self.queued))] = m
-                ids.append(mid)
-            return ids
-
-        def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-            return [self._make(self.queued.pop(mid)) for mid in message_ids if mid in self.queued]
-
-        def send_and_receive(
-            self, messages: Iterable[Message], *, timeout: float | None = None
-        ) -> list[Message]:
-            return [self._make(m) for m in messages]
-
-        def set_run(self, run: Any) -> None:
-            raise NotImplementedError
-
-        @property
-        def run(self) -> Any:
-            raise NotImplementedError
-
-        def create_message(self, *args: Any, **kwargs: Any) -> Message:
-            raise NotImplementedError
 
     inner, _ = build_strategy(
         min_sites=1, fraction_train=1.0, sites_expected=sites, site_dp=None, aggregation=aggregation

@@ -8,6 +8,7 @@ handler becomes an error reply, as Flower's ClientApp runtime does.
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -41,21 +42,17 @@ def federation(
     return cfg, [p.parent.name for p in policies]
 
 
-class InProcessGrid(Grid):
-    """``n`` simulated nodes (partition ids 0..n-1) answering in this process."""
+class QueueGrid(Grid):
+    """A grid without a SuperLink: a pushed message is answered when its reply is pulled.
 
-    def __init__(self, n: int, run_config: Mapping[str, Any], down: Iterable[int] = ()) -> None:
-        self.run_config = dict(run_config)
-        TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 0  # as the ServerApp's
-        self.nodes = {1000 + i: i for i in range(n)}
-        self.down = set(down)  # node ids that never answer (timed out)
+    Subclasses say how a node answers (:meth:`_deliver`); nodes in ``down`` never answer (they time out).
+    """
+
+    def __init__(self, nodes: Iterable[int], down: Iterable[int] = ()) -> None:
+        self.node_ids = list(nodes)
+        self.down = set(down)
         self.queued: dict[str, Message] = {}  # pushed, not yet pulled
-        self.contexts = {
-            node: Context(
-                run_id=1, node_id=node, node_config={"partition-id": pid}, state=RecordDict(), run_config={}
-            )
-            for node, pid in self.nodes.items()
-        }
+        self._next_id = itertools.count()  # message ids are never reused, whatever was pulled
 
     def set_run(self, run: Any) -> None:
         """Unused: one run per grid."""
@@ -71,13 +68,13 @@ class InProcessGrid(Grid):
 
     def get_node_ids(self) -> Iterable[int]:
         """All nodes, including those that will not answer."""
-        return list(self.nodes)
+        return list(self.node_ids)
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         """Queue each message; its node answers when the reply is pulled."""
         ids = []
         for msg in messages:
-            self.queued[mid := f"m{len(self.queued)}"] = msg
+            self.queued[mid := f"m{next(self._next_id)}"] = msg
             ids.append(mid)
         return ids
 
@@ -94,8 +91,28 @@ class InProcessGrid(Grid):
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
     ) -> Iterable[Message]:
-        """Deliver each message to its node's handler and collect the replies."""
+        """Deliver each message to its node and collect the replies."""
         return [self._deliver(m) for m in messages if m.metadata.dst_node_id not in self.down]
+
+    def _deliver(self, msg: Message) -> Message:
+        """The node's answer to ``msg``."""
+        raise NotImplementedError
+
+
+class InProcessGrid(QueueGrid):
+    """``n`` simulated nodes (partition ids 0..n-1) answering through the real ClientApp handlers."""
+
+    def __init__(self, n: int, run_config: Mapping[str, Any], down: Iterable[int] = ()) -> None:
+        self.run_config = dict(run_config)
+        TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 0  # as the ServerApp's
+        self.nodes = {1000 + i: i for i in range(n)}
+        super().__init__(self.nodes, down)
+        self.contexts = {
+            node: Context(
+                run_id=1, node_id=node, node_config={"partition-id": pid}, state=RecordDict(), run_config={}
+            )
+            for node, pid in self.nodes.items()
+        }
 
     def _deliver(self, msg: Message) -> Message:
         """The node's answer to ``msg``; a crash becomes an error reply, as in Flower's ClientApp runtime."""

@@ -11,7 +11,6 @@ from typing import Any
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
-from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore.task_identity import TaskIdentity
 from hypothesis import given, settings
@@ -20,6 +19,7 @@ from hypothesis import strategies as st
 from common.arrays import spec_of, to_record
 from server.fold import UpdateStore, fedavg
 from server.rounds import PlainRound
+from tests.inprocess import QueueGrid
 from tests.server.replies import TEMPLATE, ask, guard, trained
 
 
@@ -80,49 +80,24 @@ def test_an_update_that_fails_half_way_leaves_nothing_stored(tmp_path: Path) -> 
     assert list(tmp_path.iterdir()) == []
 
 
-class OneAtATimeGrid(Grid):
+class OneAtATimeGrid(QueueGrid):
     """Replies made when pulled; it records how many earlier replies were still alive at each pull."""
 
     def __init__(self, replies: dict[int, Message]) -> None:
+        super().__init__(replies)
         self.replies = replies
-        self.ids: dict[str, int] = {}
         self.alive_at_pull: list[int] = []
         self._refs: list[weakref.ref[Any]] = []
-
-    def get_node_ids(self) -> Iterable[int]:
-        return list(self.replies)
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        ids = []
-        for m in messages:
-            self.ids[mid := f"m{m.metadata.dst_node_id}"] = m.metadata.dst_node_id
-            ids.append(mid)
-        return ids
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         gc.collect()
         self.alive_at_pull.append(sum(r() is not None for r in self._refs))
-        out = []
-        for mid in message_ids:
-            node = self.ids.pop(mid, None)
-            if node is not None:
-                reply = self.replies.pop(node)
-                self._refs.append(weakref.ref(reply.content.array_records["arrays"]))
-                out.append(reply)
-        return out
+        return super().pull_messages(message_ids)
 
-    def set_run(self, run: Any) -> None:
-        raise NotImplementedError
-
-    @property
-    def run(self) -> Any:
-        raise NotImplementedError
-
-    def create_message(self, *args: Any, **kwargs: Any) -> Message:
-        raise NotImplementedError
-
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
-        raise NotImplementedError
+    def _deliver(self, msg: Message) -> Message:
+        reply = self.replies.pop(msg.metadata.dst_node_id)
+        self._refs.append(weakref.ref(reply.content.array_records["arrays"]))
+        return reply
 
 
 def test_a_round_holds_one_reply_at_a_time_and_deletes_its_store(tmp_path: Path) -> None:
@@ -177,3 +152,12 @@ def test_a_killed_rounds_store_is_swept_when_the_next_round_starts(tmp_path: Pat
     (tmp_path / "metrics.jsonl").write_text("")
     PlainRound(OneAtATimeGrid({}), guard(), timeout=1.0, spill=tmp_path)
     assert not stale.exists() and (tmp_path / "metrics.jsonl").exists()
+
+
+def test_a_message_id_is_never_reused_while_its_message_waits() -> None:
+    grid = OneAtATimeGrid({i: trained(i, 0.1) for i in (1, 2, 3)})
+    first = list(grid.push_messages([ask(1), ask(2)]))
+    assert len(list(grid.pull_messages(first[:1]))) == 1  # node 2's message still waits
+    later = list(grid.push_messages([ask(3)]))
+    assert len(set(first + later)) == 3  # (ids were once counted from the queue's length: m1 twice)
+    assert [r.metadata.src_node_id for r in grid.pull_messages([first[1], *later])] == [2, 3]
