@@ -77,13 +77,6 @@ def decode(arr: Array) -> np.ndarray:
     return values.astype(np.float32)
 
 
-def to_float32(record: ArrayRecord) -> ArrayRecord:
-    """``record`` decoded into float32 arrays (what aggregation and norms work on); as is if it already is."""
-    if all(a.dtype == "float32" for a in record.values()):
-        return record
-    return ArrayRecord({k: Array(decode(a)) for k, a in record.items()})
-
-
 def to_state(record: ArrayRecord) -> dict[str, torch.Tensor]:
     """Unwrap an ``ArrayRecord`` into a torch state dict."""
     return dict(record.to_torch_state_dict())

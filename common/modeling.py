@@ -133,17 +133,26 @@ def base_bytes(model: PeftModel) -> int:
     return sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n) * size
 
 
+def materialize_adapter(model: PeftModel) -> None:
+    """Give a ``meta_peft_model``'s LoRA tensors CPU storage (uninitialised; the base stays on meta)."""
+    from peft.tuners.lora import LoraLayer
+
+    for module in model.modules():
+        if isinstance(module, LoraLayer):
+            for name in module.adapter_layer_names:
+                getattr(module, name).to_empty(device="cpu")
+
+
 def fresh_adapter(model: PeftModel, seed: int = 0) -> dict[str, torch.Tensor]:
     """Round-0 adapter values of a ``meta_peft_model``: PEFT's LoRA init (B = 0), on the CPU, seeded."""
     import torch
     from peft.tuners.lora import LoraLayer
 
+    materialize_adapter(model)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         for module in model.modules():
             if isinstance(module, LoraLayer):
-                for name in module.adapter_layer_names:
-                    getattr(module, name).to_empty(device="cpu")
                 module.reset_lora_parameters("default", init_lora_weights=True)
     return adapter_state(model)
 

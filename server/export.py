@@ -10,7 +10,7 @@ from flwr.app import ArrayRecord
 
 from common.arrays import to_state
 from common.config import RunConfig
-from common.modeling import fresh_adapter, load_adapter_state, meta_peft_model
+from common.modeling import load_adapter_state, materialize_adapter, meta_peft_model
 
 
 def write_adapter(cfg: RunConfig, arrays: ArrayRecord, out: Path) -> Path:
@@ -20,7 +20,7 @@ def write_adapter(cfg: RunConfig, arrays: ArrayRecord, out: Path) -> Path:
     weights are never loaded: the PEFT model is built on the meta device, its adapter on the CPU.
     """
     model = meta_peft_model(cfg.model_dir, cfg.lora)
-    fresh_adapter(model)  # the adapter's tensors exist on the CPU; their values are replaced next
+    materialize_adapter(model)  # CPU storage for the adapter; its values come from ``arrays`` next
     load_adapter_state(model, to_state(arrays))
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
